@@ -1,0 +1,1 @@
+"""Deployment back-ends: build a model for a runtime and run it."""

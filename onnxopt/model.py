@@ -1,0 +1,246 @@
+"""Model I/O: load and save ONNX models safely.
+
+* Loading checks the file, the protobuf, external-data locations (relative, inside the model's folder, present), the
+  opset range and the ONNX checker, and turns every failure into a one-line :class:`ModelLoadError`.
+* Saving is atomic: the model (and its external data, beside it) is written in a temporary folder next to the target
+  and renamed into place, so an error never leaves a half-written file. The input file is never written to unless the
+  caller asks for it explicitly.
+* Models over 2 GB are saved with external data (protobuf cannot serialize more than 2 GB in one message).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+
+from onnxopt.errors import ModelLoadError, ModelSaveError
+
+#: Opsets of the default domain we accept. The upper bound is what the installed onnx package knows.
+MIN_OPSET = 7
+MAX_OPSET = onnx.defs.onnx_opset_version()
+
+#: Above this size a model is saved with external data and checked by path.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes, a margin under protobuf's 2 GiB limit
+
+
+def _iter_tensors(model: onnx.ModelProto):
+    return external_data_helper._get_all_tensors(model)  # initializers, Constant attributes, subgraphs
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data held by the model (in memory or in external files)."""
+    total = 0
+    for t in _iter_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            total += int(info.get("length", 0) or 0)
+        else:
+            total += t.ByteSize()
+    return total
+
+
+def has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _iter_tensors(model))
+
+
+def _check_external_locations(model: onnx.ModelProto, base: Path) -> None:
+    base_resolved = base.resolve()
+    for t in _iter_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        loc = info.get("location")
+        if not loc:
+            raise ModelLoadError(f"tensor {t.name!r} has external data without a location")
+        if os.path.isabs(loc) or Path(loc).is_absolute():
+            raise ModelLoadError(f"tensor {t.name!r}: external data location {loc!r} is absolute; refused")
+        target = (base / loc).resolve()
+        if base_resolved not in target.parents:
+            raise ModelLoadError(
+                f"tensor {t.name!r}: external data location {loc!r} escapes the model's folder; refused"
+            )
+        if not target.is_file():
+            raise ModelLoadError(f"tensor {t.name!r}: external data file {loc!r} not found next to the model")
+        length = int(info.get("length", 0) or 0)
+        offset = int(info.get("offset", 0) or 0)
+        if length and offset + length > target.stat().st_size:
+            raise ModelLoadError(
+                f"tensor {t.name!r}: external data file {loc!r} is too short "
+                f"(needs {offset + length} bytes, has {target.stat().st_size})"
+            )
+
+
+def check_opset(model: onnx.ModelProto) -> int:
+    opset = default_opset(model)
+    if opset is None:
+        raise ModelLoadError("model imports no default-domain opset")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelLoadError(f"opset {opset} is outside the supported range {MIN_OPSET}..{MAX_OPSET}")
+    return opset
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else text
+
+
+def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model with its external data, checking it on the way. Raises :class:`ModelLoadError`."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a folder, not an ONNX file")
+    try:
+        with open(p, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ModelLoadError(f"{p}: cannot read: {e.strerror or e}") from e
+    if not data:
+        raise ModelLoadError(f"{p}: file is empty")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except DecodeError as e:
+        reason = "truncated or corrupt protobuf" if "runcated" in str(e) else "not an ONNX protobuf"
+        raise ModelLoadError(f"{p}: {reason} ({_first_line(e)})") from e
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types on garbage
+        raise ModelLoadError(f"{p}: not an ONNX protobuf ({_first_line(e)})") from e
+    del data
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise ModelLoadError(f"{p}: not an ONNX model (no IR version or no graph)")
+    check_opset(model)
+    base = p.parent
+    if has_external_data(model):
+        _check_external_locations(model, base)
+    if check:
+        try:
+            # By path: works for models over 2 GB and checks external data where it lies.
+            onnx.checker.check_model(str(p))
+        except Exception as e:  # onnx raises ValidationError and others
+            raise ModelLoadError(f"{p}: ONNX checker failed: {_first_line(e)}") from e
+    if has_external_data(model):
+        try:
+            external_data_helper.load_external_data_for_model(model, str(base))
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"{p}: cannot load external data: {_first_line(e)}") from e
+    return model
+
+
+def check_model(model: onnx.ModelProto, *, full_check: bool = False) -> None:
+    """Run the ONNX checker, by path through a temporary file when the model is too big for one message."""
+    if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(model, full_check=full_check)
+        return
+    with tempfile.TemporaryDirectory(prefix="onnxopt-check-") as d:
+        path = Path(d) / "model.onnx"
+        _write(model, path, external=True)
+        onnx.checker.check_model(str(path), full_check=full_check)
+
+
+def _write(model: onnx.ModelProto, path: Path, *, external: bool) -> None:
+    if external:
+        # convert_model_to_external_data mutates the proto: work on a copy so the caller's model keeps its data.
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        external_data_helper.convert_model_to_external_data(
+            m, all_tensors_to_one_file=True, location=path.name + ".data", size_threshold=1024
+        )
+        onnx.save_model(m, str(path))
+    else:
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+
+
+def save(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: tuple[str | os.PathLike, ...] = (),
+) -> Path:
+    """Write ``model`` to ``path`` atomically.
+
+    ``external_data``: None = only when the model is too large for one protobuf message. With external data the
+    tensors go to ``<name>.data`` beside the model. ``protect``: paths that must never be overwritten (the input).
+    """
+    out = Path(path)
+    for prot in protect:
+        if out.exists() and Path(prot).exists() and os.path.samefile(out, prot):
+            raise ModelSaveError(f"{out}: refusing to overwrite the input model (use --in-place to allow it)")
+    if out.is_dir():
+        raise ModelSaveError(f"{out}: is a folder")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelSaveError(f"{out}: folder {folder} does not exist")
+    if external_data is None:
+        external_data = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
+    except OSError as e:
+        raise ModelSaveError(f"{out}: cannot write in {folder}: {e.strerror or e}") from e
+    try:
+        tmp = tmpdir / out.name
+        _write(model, tmp, external=external_data)
+        data_tmp = tmpdir / (out.name + ".data")
+        if data_tmp.exists():
+            os.replace(data_tmp, folder / data_tmp.name)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ModelSaveError(f"{out}: write failed: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+def model_to_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Export a graphsurgeon graph, keeping the header (IR version, producer, metadata, doc) of ``template``."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    if template is not None:
+        model.ir_version = template.ir_version
+        model.producer_name = template.producer_name
+        model.producer_version = template.producer_version
+        model.domain = template.domain
+        model.model_version = template.model_version
+        model.doc_string = template.doc_string
+        del model.metadata_props[:]
+        model.metadata_props.extend(template.metadata_props)
+        # Keep opsets the template imports but graphsurgeon dropped (it only lists those used).
+        have = {imp.domain for imp in model.opset_import}
+        for imp in template.opset_import:
+            if imp.domain not in have:
+                model.opset_import.append(imp)
+    return model
+
+
+def header_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the model without its graph: what :func:`graph_to_model` needs as a template."""
+    header = onnx.ModelProto()
+    header.ir_version = model.ir_version
+    header.producer_name = model.producer_name
+    header.producer_version = model.producer_version
+    header.domain = model.domain
+    header.model_version = model.model_version
+    header.doc_string = model.doc_string
+    header.metadata_props.extend(model.metadata_props)
+    header.opset_import.extend(model.opset_import)
+    return header

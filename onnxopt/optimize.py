@@ -1,0 +1,84 @@
+"""The main job as one call: passes through the manager, then numerical validation against the original."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from onnxopt.errors import OnnxoptError, ValidationError
+from onnxopt.pass_base import Pass, PassContext
+from onnxopt.pass_manager import PassManager, RunRecord, Verifier
+from onnxopt.validate import Tolerances, compare_outputs, random_inputs, run, session
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    record: RunRecord
+    validated: bool
+    ok: bool  # validation passed (or was not asked for)
+
+
+def _summarizer() -> Callable[[onnx.ModelProto, PassContext], dict[str, Any]]:
+    """MACs/params when the analysis module is available, else plain size figures."""
+    try:
+        from onnxopt.analysis import summarize  # provided by the MAC analysis
+    except ImportError:
+        from onnxopt.pass_manager import graph_summary
+
+        return lambda m, ctx: graph_summary(m)
+    return summarize
+
+
+def optimize(
+    model: onnx.ModelProto,
+    passes: list[Pass],
+    *,
+    ctx: PassContext | None = None,
+    validate: bool = True,
+    feeds: dict[str, np.ndarray] | None = None,
+    tolerances: Tolerances | None = None,
+    verify_each: bool = False,
+    on_pass: Callable[[str, int, int], None] | None = None,
+) -> OptimizeResult:
+    """Run ``passes`` over ``model`` and compare the result with the original in ONNX Runtime.
+
+    ``tolerances`` default by the pipeline's kind: exact pipelines must agree within :class:`Tolerances`' defaults;
+    lossy ones (pruning, INT8) are reported, not failed, unless tolerances are given. Returns the new model and the run
+    record; ``ok`` is False when validation failed (the caller decides whether to write anyway).
+    """
+    ctx = ctx or PassContext()
+    reference = None
+    if validate or verify_each:
+        if feeds is None:
+            feeds = random_inputs(model, ctx.input_shapes, seed=ctx.seed)
+        try:
+            reference = run(session(model), feeds)
+        except OnnxoptError as e:
+            raise OnnxoptError(f"cannot validate: the input model does not run in ONNX Runtime ({e}); "
+                               "use --no-validate to skip validation") from e
+    verifier = Verifier(feeds, reference, tolerances) if verify_each and reference is not None else None
+    manager = PassManager(passes, verifier=verifier, summarize=_summarizer(), on_pass=on_pass)
+    new_model, record = manager.run(model, ctx)
+    ok = True
+    if validate and reference is not None:
+        tol = tolerances if tolerances is not None else Tolerances.for_kind(record.kind)
+        cmp = compare_outputs(reference, run(session(new_model), feeds), tol)
+        ok = cmp.ok
+        record.validation = {
+            "mode": "ONNX Runtime CPU, graph optimizations off",
+            "kind": record.kind,
+            "report_only": cmp.report_only,
+            "ok": cmp.ok,
+            "outputs": [dict(asdict(o.metrics), ok=o.ok, reason=o.reason) for o in cmp.outputs],
+        }
+        extra = ctx.artifacts.get("validation_extra")
+        if extra:
+            record.validation["extra"] = extra
+    return OptimizeResult(new_model, record, validated=reference is not None, ok=ok)
+
+
+__all__ = ["optimize", "OptimizeResult", "ValidationError"]

@@ -1,0 +1,143 @@
+"""Input shapes: parsing ``--input-shape`` specs, resolving graph input shapes, shape inference helpers."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxopt.errors import OptionsError, PreconditionError
+
+_SPEC_RE = re.compile(r"^(?P<name>[^=]+)=(?P<dims>\d+(?:[x,]\d+)*)$")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    dims = re.split(r"[x,]", text.strip())
+    try:
+        shape = tuple(int(d) for d in dims)
+    except ValueError:
+        raise OptionsError(f"bad shape {text!r}: expected dims like 1x3x224x224") from None
+    if any(d <= 0 for d in shape):
+        raise OptionsError(f"bad shape {text!r}: dims must be positive")
+    return shape
+
+
+def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
+    """``["input=1x3x224x224", ...]`` -> ``{"input": (1, 3, 224, 224)}``."""
+    out: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        m = _SPEC_RE.match(spec.strip())
+        if not m:
+            raise OptionsError(f"bad --input-shape {spec!r}: expected NAME=DIMS, e.g. input=1x3x224x224")
+        name = m.group("name").strip()
+        if name in out:
+            raise OptionsError(f"--input-shape given twice for {name!r}")
+        out[name] = parse_shape(m.group("dims"))
+    return out
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]  # str/None for dynamic dims
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(d, int) for d in self.shape)
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The real inputs of the graph (initializers listed as inputs, an old-IR habit, are skipped)."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            raise PreconditionError(f"input {vi.name!r} is not a tensor; only tensor inputs are supported")
+        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        shape: list[int | str | None] = []
+        if tt.HasField("shape"):
+            for d in tt.shape.dim:
+                if d.HasField("dim_value") and d.dim_value > 0:
+                    shape.append(int(d.dim_value))
+                elif d.HasField("dim_param"):
+                    shape.append(d.dim_param)
+                else:
+                    shape.append(None)
+        specs.append(InputSpec(vi.name, np.dtype(dtype), tuple(shape)))
+    return specs
+
+
+def resolve_input_shapes(
+    model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes for every graph input; dynamic dims must be given in ``overrides``, never guessed."""
+    overrides = dict(overrides or {})
+    specs = graph_inputs(model)
+    names = {s.name for s in specs}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise OptionsError(
+            f"--input-shape names unknown input(s) {', '.join(map(repr, unknown))}; inputs are: {', '.join(sorted(names))}"
+        )
+    out: dict[str, tuple[int, ...]] = {}
+    missing = []
+    for s in specs:
+        if s.name in overrides:
+            shape = overrides[s.name]
+            if len(shape) != len(s.shape) and s.shape:
+                raise OptionsError(f"--input-shape {s.name}: rank {len(shape)} but the input has rank {len(s.shape)}")
+            for i, (want, have) in enumerate(zip(shape, s.shape)):
+                if isinstance(have, int) and have != want:
+                    raise OptionsError(
+                        f"--input-shape {s.name}: dim {i} is fixed to {have} in the model, got {want} "
+                        "(use the set-input-shape pass to change a fixed shape)"
+                    )
+            out[s.name] = shape
+        elif s.is_static:
+            out[s.name] = tuple(int(d) for d in s.shape)  # type: ignore[arg-type]
+        else:
+            missing.append(f"{s.name}{list(s.shape)}")
+    if missing:
+        raise PreconditionError(
+            "dynamic input dims: " + ", ".join(missing) + "; give them with --input-shape NAME=DIMS (e.g. input=1x3x224x224)"
+        )
+    return out
+
+
+def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = True) -> onnx.ModelProto:
+    """ONNX shape inference (by path for models too large for one message)."""
+    from onnxopt.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+
+    if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=strict, data_prop=data_prop)
+    import tempfile
+    from pathlib import Path
+
+    from onnxopt.model import _write, load
+
+    with tempfile.TemporaryDirectory(prefix="onnxopt-infer-") as d:
+        src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
+        _write(model, src, external=True)
+        onnx.shape_inference.infer_shapes_path(str(src), str(dst), check_type=True, strict_mode=strict, data_prop=data_prop)
+        return load(dst, check=False)
+
+
+def value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ...]]:
+    """Shapes of every value known in an inferred model (inputs, outputs, value_info, initializers)."""
+    out: dict[str, tuple[int | str | None, ...]] = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            out[vi.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in vi.type.tensor_type.shape.dim
+            )
+    for t in g.initializer:
+        out[t.name] = tuple(t.dims)
+    return out
