@@ -1,0 +1,1 @@
+"""Model-zoo ONNX graph builders (ResNet, MobileNetV2, YOLO-style, UNet-style) for tests and benchmarks."""
