@@ -1,0 +1,162 @@
+"""The pass manager enforces the pass contract, checks invariants, names failing passes, records the run."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import pytest
+
+import onnxopt
+from onnxopt import NoOptions, Pass, PassContext, PassError, PassManager, PassResult, ValidationError
+from onnxopt.pass_manager import Verifier
+from onnxopt.validate import random_inputs, run
+from tests.helpers import relu_model
+
+
+class Noop(Pass):
+    """Touches nothing."""
+
+    name = "noop"
+
+    def run(self, graph, ctx):
+        return PassResult(False, {"skipped_nothing_to_do": 1})
+
+
+class Liar(Pass):
+    """Changes the graph but reports no change."""
+
+    name = "liar"
+
+    def run(self, graph, ctx):
+        graph.nodes[0].op = "Sigmoid"
+        return PassResult(False)
+
+
+class Boaster(Pass):
+    """Reports a change it did not make."""
+
+    name = "boaster"
+
+    def run(self, graph, ctx):
+        return PassResult(True)
+
+
+class MeddlingAnalysis(Pass):
+    """An analysis pass that edits the graph."""
+
+    name = "meddling-analysis"
+    kind = "analysis"
+
+    def run(self, graph, ctx):
+        graph.nodes[0].name = "renamed"
+        return PassResult(True)
+
+
+class Negate(Pass):
+    """Relu -> Neg: valid ONNX, wrong numerics (a broken rewrite)."""
+
+    name = "negate"
+
+    def run(self, graph, ctx):
+        graph.nodes[0].op = "Neg"
+        return PassResult(True, {"rewritten": 1})
+
+
+class Dangling(Pass):
+    """Points the node at a tensor nobody produces: the checker/topological check must catch it."""
+
+    name = "dangling"
+
+    def run(self, graph, ctx):
+        graph.nodes[0].inputs[0] = gs.Variable("ghost", dtype=np.float32, shape=[2, 3])
+        return PassResult(True)
+
+
+class Crashes(Pass):
+    """Raises inside run()."""
+
+    name = "crashes"
+
+    def run(self, graph, ctx):
+        raise KeyError("boom")
+
+
+class ToSigmoid(Pass):
+    """Relu -> Sigmoid, honestly reported."""
+
+    name = "to-sigmoid"
+    Options = NoOptions
+
+    def run(self, graph, ctx):
+        graph.nodes[0].op = "Sigmoid"
+        return PassResult(True, {"rewritten": 1})
+
+
+def test_exact_changed_flag_is_enforced():
+    with pytest.raises(PassError, match="pass 'liar' \\(#2\\) failed after noop: reported changed=False but the graph differs"):
+        PassManager([Noop(), Liar()]).run(relu_model())
+    with pytest.raises(PassError, match="reported changed=True but the graph is unchanged"):
+        PassManager([Boaster()]).run(relu_model())
+
+
+def test_analysis_pass_may_not_change_graph():
+    with pytest.raises(PassError, match="analysis pass changed the graph"):
+        PassManager([MeddlingAnalysis()]).run(relu_model())
+
+
+def test_invariant_failure_names_pass_and_predecessors():
+    with pytest.raises(PassError, match="pass 'dangling' \\(#3\\) failed after noop, to-sigmoid: .*ghost"):
+        PassManager([Noop(), ToSigmoid(), Dangling()]).run(relu_model())
+
+
+def test_crash_is_wrapped_with_chain():
+    with pytest.raises(PassError, match="pass 'crashes' \\(#1\\) failed: KeyError") as e:
+        PassManager([Crashes()]).run(relu_model())
+    assert isinstance(e.value.__cause__, KeyError)
+
+
+def test_verify_each_names_first_broken_pass():
+    m = relu_model()
+    feeds = random_inputs(m, seed=0)
+    ref = run(m, feeds)
+    with pytest.raises(ValidationError, match="pass 'negate' \\(#2\\) failed after noop: numerics broken"):
+        PassManager([Noop(), Negate(), ToSigmoid()], verifier=Verifier(feeds, ref)).run(m)
+
+
+def test_record_and_untouched_graph():
+    m = relu_model()
+    new, rec = PassManager([Noop()]).run(m)
+    assert [p.name for p in rec.passes] == ["noop"] and not rec.passes[0].changed
+    assert rec.passes[0].stats == {"skipped_nothing_to_do": 1}
+    assert new.SerializeToString() == m.SerializeToString()  # unchanged: the very same model
+    new, rec = PassManager([ToSigmoid()]).run(m)
+    assert [n.op_type for n in new.graph.node] == ["Sigmoid"]
+    p = rec.passes[0]
+    assert p.changed and p.seconds >= 0 and p.before["nodes"] == p.after["nodes"] == 1 and p.kind == "exact"
+
+
+def test_optimize_validation_fails_broken_pipeline_and_reports():
+    result = onnxopt.optimize(relu_model(), [Negate()])
+    assert not result.ok
+    [out] = result.record.validation["outputs"]
+    assert out["name"] == "y" and not out["ok"] and "beyond atol" in out["reason"]
+
+
+def test_context_to_model_keeps_header():
+    m = relu_model()
+    m.producer_name = "exporter-x"
+    m.metadata_props.add(key="k", value="v")
+    seen = {}
+
+    class Peek(Pass):
+        """Exports the graph through the context."""
+
+        name = "peek"
+
+        def run(self, graph, ctx: PassContext):
+            seen["model"] = ctx.to_model(graph)
+            return PassResult(False)
+
+    PassManager([Peek()]).run(m)
+    assert seen["model"].producer_name == "exporter-x" and seen["model"].metadata_props[0].value == "v"
+    assert seen["model"].ir_version == m.ir_version
