@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
@@ -48,8 +49,13 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
         if t.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in t.external_data}
             total += int(info.get("length", 0) or 0)
-        else:
+        elif t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
             total += t.ByteSize()
+        else:  # from dims, without touching (or copying) the data
+            n = 1
+            for d in t.dims:
+                n *= d
+            total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     return total
 
 
@@ -121,20 +127,22 @@ def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
         raise ModelLoadError(f"{p}: {reason} ({_first_line(e)})") from e
     except Exception as e:  # noqa: BLE001 - protobuf raises several types on garbage
         raise ModelLoadError(f"{p}: not an ONNX protobuf ({_first_line(e)})") from e
-    del data
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise ModelLoadError(f"{p}: not an ONNX model (no IR version or no graph)")
     check_opset(model)
     base = p.parent
-    if has_external_data(model):
+    external = has_external_data(model)
+    if external:
         _check_external_locations(model, base)
     if check:
         try:
-            # By path: works for models over 2 GB and checks external data where it lies.
-            onnx.checker.check_model(str(p))
+            # With external data, by path: checks the data where it lies and works for models over 2 GB.
+            # Otherwise on the bytes already read (no second read, no re-serialization).
+            onnx.checker.check_model(str(p) if external else data)
         except Exception as e:  # onnx raises ValidationError and others
             raise ModelLoadError(f"{p}: ONNX checker failed: {_first_line(e)}") from e
-    if has_external_data(model):
+    del data
+    if external:
         try:
             external_data_helper.load_external_data_for_model(model, str(base))
         except Exception as e:  # noqa: BLE001
@@ -244,3 +252,58 @@ def header_of(model: onnx.ModelProto) -> onnx.ModelProto:
     header.metadata_props.extend(model.metadata_props)
     header.opset_import.extend(model.opset_import)
     return header
+
+
+#: Constants larger than this are replaced by stubs in a skeleton.
+SKELETON_STUB_BYTES = 4096
+
+
+def graph_skeleton(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """The model without its large weights: every constant over ``SKELETON_STUB_BYTES`` keeps its name, type and dims
+    but holds a single element of data.
+
+    Shape inference only needs dims (and the values of small shape-like constants, which are kept), so checking a
+    skeleton costs milliseconds where checking a 100 MB model costs a second. The graph is not modified (the stubs are
+    swapped in for the export and swapped back).
+    """
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    swapped: list[tuple[gs.Constant, object]] = []
+    try:
+        for t in graph.tensors().values():
+            if not isinstance(t, gs.Constant) or t.dtype is None:
+                continue
+            values = t._values
+            nbytes = getattr(values, "nbytes", 0)
+            if nbytes <= SKELETON_STUB_BYTES or not hasattr(values, "shape"):
+                continue
+            stub = onnx.TensorProto(name=t.name, dims=list(t.shape))
+            if isinstance(values, LazyValues):
+                stub.data_type = values.tensor.data_type
+            elif isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
+                stub.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
+            else:
+                continue
+            if stub.data_type == onnx.TensorProto.STRING:
+                continue
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(stub.data_type).itemsize
+            stub.raw_data = b"\0" * itemsize
+            swapped.append((t, values))
+            t._values = LazyValues(stub)
+        return graph_to_model(graph, template)
+    finally:
+        for t, values in swapped:
+            t._values = values
+
+
+def checkable(skeleton: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a skeleton whose stubs are self-consistent one-element tensors, for the ONNX checker (which compares
+    data size with dims). Use :func:`graph_skeleton` itself for shape inference (which needs the real dims)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(skeleton)
+    for t in m.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        if t.HasField("raw_data") and len(t.dims) and int(np.prod(t.dims)) * itemsize != len(t.raw_data):
+            del t.dims[:]
+            t.dims.append(1)
+    return m
