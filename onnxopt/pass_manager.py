@@ -95,6 +95,10 @@ class PassManager:
     :class:`Verifier` it also compares outputs with ONNX Runtime after each such pass, so that a broken rewrite is pinned
     to the pass that made it. It also enforces the pass contract: ``changed`` must be exact, analysis passes must not
     change the graph.
+
+    ``summarize(model, ctx)`` gives the size figures recorded before and after each pass. It is called with a SKELETON
+    of the model (:func:`onnxopt.model.graph_skeleton`: constants over 4 KiB keep name, dtype and dims but hold one
+    element), so it must use dims, never weight values. Checks run on the skeleton too; the full model is exported once.
     """
 
     def __init__(
