@@ -6,23 +6,40 @@ import hashlib
 from typing import Any
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+
+def _values(constant: gs.Constant) -> np.ndarray:
+    """A gs.Constant's array, read WITHOUT changing the graph.
+
+    graphsurgeon's ``.values`` replaces a lazily loaded value by the loaded array on first access, which
+    :func:`fingerprint` (arrays compared by identity) would see as a changed weight. Lazy values are converted here
+    without being stored; the result is then read-only (weights are replaced, never edited in place).
+    """
+    lazy = constant._values
+    if isinstance(lazy, LazyValues) and isinstance(lazy.tensor, onnx.TensorProto):
+        return onnx.numpy_helper.to_array(lazy.tensor)
+    return constant.values
 
 
 def const_value(tensor: gs.Tensor | None) -> np.ndarray | None:
     """The value of a constant tensor: an initializer, or the output of a ``Constant`` node. None otherwise.
 
     Paddle and TensorFlow exports often hold weights in ``Constant`` nodes; passes treat those like initializers.
+    Reading does not change the graph (see :func:`_values`); the array may be read-only: never edit it in place.
     """
     if tensor is None:
         return None
     if isinstance(tensor, gs.Constant):
-        return tensor.values
+        return _values(tensor)
     if len(tensor.inputs) == 1 and tensor.inputs[0].op == "Constant":
         node = tensor.inputs[0]
         attrs = node.attrs
         if "value" in attrs and isinstance(attrs["value"], gs.Constant):
-            return attrs["value"].values
+            return _values(attrs["value"])
         for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
             if key in attrs:
                 return np.array(attrs[key], dtype=dtype)
