@@ -141,3 +141,25 @@ def value_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | str | None, ..
     for t in g.initializer:
         out[t.name] = tuple(t.dims)
     return out
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """ONNX element types (``onnx.TensorProto.FLOAT`` ...) of every value known in a model: inputs, outputs,
+    value_info (run shape inference first to fill it), initializers and ``Constant`` node outputs."""
+    out: dict[str, int] = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            out[vi.name] = vi.type.tensor_type.elem_type
+    for t in g.initializer:
+        out[t.name] = t.data_type
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value" and a.t.data_type:
+                    out[n.output[0]] = a.t.data_type
+                elif a.name in ("value_float", "value_floats"):
+                    out[n.output[0]] = onnx.TensorProto.FLOAT
+                elif a.name in ("value_int", "value_ints"):
+                    out[n.output[0]] = onnx.TensorProto.INT64
+    return out
