@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     except OnnxoptError as e:
         if debug:
             traceback.print_exc()
-        err_console.print(f"onnxopt: error: {e}", soft_wrap=True)
+        err_console.print(f"onnxopt: error: {e}", soft_wrap=True, markup=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("onnxopt: interrupted")
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         err_console.print(
             f"onnxopt: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-            "(run with --debug for the traceback)", soft_wrap=True,
+            "(run with --debug for the traceback)", soft_wrap=True, markup=False,
         )
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
