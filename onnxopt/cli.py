@@ -56,7 +56,10 @@ class LazyGroup(click.Group):
     """A click group whose extra commands are imported only when used (keeps ``onnxopt --help`` fast)."""
 
     #: command name -> "module:attribute" of a click command. Add a line here to add a command.
-    lazy_commands: dict[str, str] = {}
+    lazy_commands: dict[str, str] = {
+        "build": "onnxopt.cli_build:build",
+        "trt-check": "onnxopt.cli_build:trt_check_cmd",
+    }
 
     def list_commands(self, ctx):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy_commands))
