@@ -160,11 +160,15 @@ def _calibration(calib: str | None, calib_samples: int | None, allow_random: boo
 @click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most N calibration samples.")
 @click.option("--calib-random", is_flag=True, help="Calibrate on random data (flagged in the report; for testing only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random validation inputs.")
+@click.option("--backend", metavar="NAME",
+              help="Also build the written model for this runtime (openvino, tensorrt, onnxruntime), check its outputs "
+                   "against the float model in ONNX Runtime and print the latency of both.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the run record as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the output path.")
 @click.option("--debug", is_flag=True, hidden=True)
 def run(model: Path, output: Path | None, pass_specs, config, in_place, force, no_validate, verify_each, input_shapes,
-        inputs, atol, rtol, min_cosine, calib, calib_samples, calib_random, seed, json_path, quiet, debug) -> None:
+        inputs, atol, rtol, min_cosine, calib, calib_samples, calib_random, seed, backend, json_path, quiet,
+        debug) -> None:
     """Optimize MODEL with a pipeline of passes, validate it against the original, write it.
 
     \b
@@ -184,6 +188,10 @@ def run(model: Path, output: Path | None, pass_specs, config, in_place, force, n
     if out.exists() and model.exists() and os.path.samefile(out, model) and not in_place:
         raise OptionsError(f"-o {out} is the input model; refusing to overwrite it (add --in-place to allow)")
     passes = _build_passes(pass_specs, str(config) if config else None)
+    if backend:  # an unknown or missing runtime fails before the passes run
+        from onnxopt.backends import get_backend
+
+        get_backend(backend)
     shapes = parse_input_shapes(input_shapes)
     tol = _tolerances(atol, rtol, min_cosine)
     m = load(model)
@@ -224,6 +232,12 @@ def run(model: Path, output: Path | None, pass_specs, config, in_place, force, n
         err_console.print("[bold yellow]warning:[/bold yellow] validation failed; writing anyway because of --force")
     save(result.model, out, protect=() if in_place else (model,))
     out_console.print(str(out)) if quiet else err_console.print(f"wrote {out}")
+    if backend:
+        from onnxopt.cli_build import run_backend_check
+        from onnxopt.validate import random_inputs
+
+        run_backend_check(backend, m, out, feeds if feeds is not None else random_inputs(m, shapes, seed=seed),
+                          tolerances=tol, kind=record.kind, quiet=quiet)
 
 
 # -- passes --------------------------------------------------------------------------------------------------------
