@@ -49,7 +49,6 @@ class _Run:
     def __init__(self, graph: gs.Graph, options: FoldBatchNormOptions) -> None:
         self.graph = graph
         self.options = options
-        self.opset = graph.opset
         self.outputs = {t.name for t in graph.outputs}
         self.inputs = {t.name for t in graph.inputs}
         self.stats: Counter[str] = Counter()
@@ -320,7 +319,8 @@ class _Run:
             n = cur.outputs[0]
             if not _is_default_domain(n) or not n.inputs or n.inputs[0] is not cur or not n.outputs:
                 return False
-            first = first or n
+            if first is None:
+                first = n
             if n.op == "Gemm":
                 self._forward_gemm(n, s, t, flattened)
                 break
