@@ -59,6 +59,7 @@ class LazyGroup(click.Group):
     lazy_commands: dict[str, str] = {
         "build": "onnxopt.cli_build:build",
         "trt-check": "onnxopt.cli_build:trt_check_cmd",
+        "mac": "onnxopt.cli_mac:mac",
     }
 
     def list_commands(self, ctx):
