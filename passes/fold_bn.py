@@ -423,7 +423,14 @@ class FoldBatchNorm(Pass):
     W' = W * gamma / sqrt(var + eps);  b' = (b - mean) * gamma / sqrt(var + eps) + beta, computed in float64 and stored
     in the weight's dtype. A BN without a foldable producer is folded forward into a following Conv (unpadded) or Gemm
     when that is exact (through Flatten, GlobalAveragePool, and MaxPool/GlobalMaxPool when every scale is positive),
-    else kept (or rewritten as Mul+Add with standalone=mul-add). Every BN left is counted under a skipped_<reason>.
+    else kept (or rewritten as Mul+Add with standalone=mul-add). Weights in Constant nodes count as initializers.
+
+    Stats: bn_total; folded_into_conv/conv_transpose/gemm/matmul, folded_forward, rewritten_mul_add; and for every BN
+    left one reason: skipped_shared_weight (the weight/bias is used elsewhere), skipped_producer_output_used_elsewhere,
+    skipped_producer_output_is_graph_output, skipped_training_mode, skipped_non_constant_params,
+    skipped_non_constant_producer_weight, skipped_non_per_channel_params (opset 7 spatial=0), skipped_matmul_not_2d
+    (BN's axis 1 is not the MatMul's feature axis), skipped_channel_mismatch, skipped_unknown_rank/dtype (mul-add),
+    skipped_no_exact_target.
     """
 
     name = "fold-bn"

@@ -559,16 +559,25 @@ def test_mul_add_keeps_bn_output_name_and_prefers_folding():
 
 # -- negative cases: the graph is left alone, with the reason -------------------------------------------------------
 
-def test_shared_weight_is_not_modified():
+@pytest.mark.parametrize("producer", ["Conv", "ConvTranspose", "Gemm", "MatMul"])
+@pytest.mark.parametrize("storage", ["initializer", "Constant node"])
+def test_shared_weight_is_not_modified(producer, storage):
     rng = np.random.default_rng(18)
-    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    if producer in ("Conv", "ConvTranspose"):
+        w, x_shape = weight(rng, (4, 4, 3, 3), 36), [1, 4, 5, 5]
+    else:
+        w, x_shape = weight(rng, (4, 4), 4), [2, 4]
     nodes = [
-        helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1"),
-        helper.make_node("Conv", ["x", "w"], ["c2"], name="conv2"),
+        helper.make_node(producer, ["x", "w"], ["c1"], name="p1"),
+        helper.make_node(producer, ["x", "w"], ["c2"], name="p2"),
         bn_node("c1", "y"),
     ]
-    model = make_model(nodes, [vi("x", [1, 3, 5, 5])], [vi("y", None), vi("c2", None)],
-                       [init("w", w)] + bn_arrays(rng, 4))
+    inits = bn_arrays(rng, 4)
+    if storage == "initializer":
+        inits.append(init("w", w))
+    else:
+        nodes.insert(0, constant_node("w", w))
+    model = make_model(nodes, [vi("x", x_shape)], [vi("y", None), vi("c2", None)], inits)
     assert assert_unchanged(model) == {"bn_total": 1, "skipped_shared_weight": 1}
 
 
