@@ -255,6 +255,9 @@ def _check_qdq(node: onnx.NodeProto, label: str, m: _Model) -> list[Finding]:
         tname = helper.tensor_dtype_to_string(qtype).replace("TensorProto.", "")
         if qtype in _QDQ_WEIGHTS_ONLY and not weight:
             add("QDQ_TYPE", f"{tname} quantization is supported for weights only; this quantizes an activation")
+        elif qtype == TensorProto.INT32:
+            add("QDQ_TYPE", "INT32 (quantized bias) is not supported: keep biases in float, TensorRT quantizes "
+                            "only the Conv/MatMul inputs")
         elif qtype not in _QDQ_WEIGHTS_ONLY:
             add("QDQ_TYPE", f"quantized type {tname} is not supported (use INT8 or FP8 E4M3; "
                             "TensorRT has no UINT8 quantization)")
@@ -295,7 +298,8 @@ def _check_qdq(node: onnx.NodeProto, label: str, m: _Model) -> list[Finding]:
             elif isinstance(shape[axis], int) and shape[axis] != s.size:
                 add("QDQ_SCALE_SHAPE", f"per-channel scale has {s.size} values but input dim {attrs.get('axis', 1)} "
                                        f"is {shape[axis]}")
-    if zp_name and (zp := m.const(zp_name)) is not None and np.asarray(zp).shape != s.shape:
+    if zp_name and (zp := m.const(zp_name)) is not None and (
+            np.size(zp) != s.size or (not per_tensor and np.shape(zp) != s.shape)):
         add("QDQ_SCALE_SHAPE", f"zero point shape {list(np.asarray(zp).shape)} differs from scale shape {list(s.shape)}")
     return out
 
