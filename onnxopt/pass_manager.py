@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import OnnxoptError, PassError, PreconditionError, ValidationError
+from onnxopt.errors import ModelLoadError, OnnxoptError, PassError, PreconditionError, ValidationError
 from onnxopt.graphutil import fingerprint
 from onnxopt.model import check_model, checkable, default_opset, graph_skeleton, graph_to_model, header_of
 from onnxopt.pass_base import Pass, PassContext, PassResult
@@ -121,7 +121,10 @@ class PassManager:
         ctx.template = header_of(model)
         ctx.opset = default_opset(model)
         graph = gs.import_onnx(model)
-        skeleton = graph_skeleton(graph, ctx.template)
+        try:
+            skeleton = graph_skeleton(graph, ctx.template)
+        except Exception as e:  # noqa: BLE001 - e.g. optional-typed values, which graphsurgeon cannot export
+            raise ModelLoadError(f"onnx-graphsurgeon cannot represent this model: {_unrepresentable(model, e)}") from e
         record = RunRecord(before=self.summarize(skeleton, ctx))
         baseline = self._baseline(skeleton) if self.check_invariants else None
         changed_any = False
@@ -158,7 +161,10 @@ class PassManager:
             if result.changed:
                 changed_any = True
                 t1 = time.perf_counter()
-                skeleton = graph_skeleton(graph, ctx.template)
+                try:
+                    skeleton = graph_skeleton(graph, ctx.template)
+                except Exception as e:  # noqa: BLE001
+                    raise PassError(f"{where}: the result cannot be exported: {type(e).__name__}: {e}") from e
                 if baseline is not None:
                     self._check(skeleton, baseline, where)
                 check_seconds = time.perf_counter() - t1
@@ -216,6 +222,17 @@ class PassManager:
         if not cmp.ok:
             raise ValidationError(f"{where}: numerics broken by this pass: {cmp.summary()}")
         return [asdict(o.metrics) for o in cmp.outputs]
+
+
+def _unrepresentable(model: onnx.ModelProto, error: Exception) -> str:
+    """Why graphsurgeon cannot export ``model``: the first optional/map-typed value, else the error itself."""
+    g = model.graph
+    for vi in [*g.input, *g.output, *g.value_info]:
+        kind = vi.type.WhichOneof("value")
+        if kind in ("optional_type", "map_type"):
+            return f"value {vi.name!r} has an {kind.replace('_type', '')} type, which it does not support"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def check_topological_order(model: onnx.ModelProto, where: str = "") -> None:
