@@ -33,6 +33,18 @@ def _summarizer() -> Callable[[onnx.ModelProto, PassContext], dict[str, Any]]:
     return summarize
 
 
+def _calibration_feeds(ctx: PassContext, max_samples: int = 32) -> dict[str, np.ndarray] | None:
+    """The first batch (at most ``max_samples``) of real calibration data, to validate on instead of random inputs
+    (int8 ranges are calibrated for real data: random inputs would misreport a quantized model, and real data also
+    gives the dims of dynamic inputs)."""
+    source = ctx.calibration
+    if source is None or getattr(source, "is_random", False) or not hasattr(source, "batches"):
+        return None
+    for batch in source.batches(max_samples):
+        return batch
+    return None
+
+
 def optimize(
     model: onnx.ModelProto,
     passes: list[Pass],
@@ -52,7 +64,12 @@ def optimize(
     """
     ctx = ctx or PassContext()
     reference = None
+    feeds_note = ""
     if validate or verify_each:
+        if feeds is None:
+            feeds = _calibration_feeds(ctx)
+            if feeds is not None:
+                feeds_note = f", on {next(iter(feeds.values())).shape[0]} calibration sample(s)"
         if feeds is None:
             feeds = random_inputs(model, ctx.input_shapes, seed=ctx.seed)
         try:
@@ -69,7 +86,7 @@ def optimize(
         cmp = compare_outputs(reference, run(session(new_model), feeds), tol)
         ok = cmp.ok
         record.validation = {
-            "mode": "ONNX Runtime CPU, graph optimizations off",
+            "mode": "ONNX Runtime CPU, graph optimizations off" + feeds_note,
             "kind": record.kind,
             "report_only": cmp.report_only,
             "ok": cmp.ok,
