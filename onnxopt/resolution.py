@@ -40,6 +40,8 @@ from onnxopt.errors import OptionsError, PreconditionError
 from onnxopt.skeleton import ConstInfo, Dim, Shape, Skeleton, value_types
 
 INT64_MAX = np.iinfo(np.int64).max
+#: stand-ins for symbolic dims in the Reshape block alignment (primes far above any real dim)
+_STAND_INS = (1_000_003, 1_000_033, 1_000_037, 1_000_039, 1_000_081, 1_000_099, 1_000_117, 1_000_121)
 _DIM_RE = re.compile(r"^(\d+|\?)$")
 
 
@@ -240,10 +242,21 @@ class _Propagator:
         target = self.value(n.input[1])
         if target is None:
             return  # computed from Shape ops: follows the new shape by itself
-        if any(not isinstance(d, int) for d in new):
+        if any(d is None for d in new):
             raise _Refuse(f"has a constant target shape {target.tolist()} but its new input shape {list(new)} is unknown")
+        # Symbolic dims (unchanged by definition) take distinct large primes for the block alignment; a new entry
+        # that would contain one is refused (it mixes a dynamic dim with a changed one).
+        symbols = list(dict.fromkeys(d for d in new if isinstance(d, str)))
+        if len(symbols) > len(_STAND_INS):
+            raise _Refuse(f"has a constant target shape and {len(symbols)} dynamic input dims")
+        stand = dict(zip(symbols, _STAND_INS))
+        old_c = tuple(stand.get(d, d) for d in old)
+        new_c = tuple(stand.get(d, d) for d in new)
         allowzero = next((a.i for a in n.attribute if a.name == "allowzero"), 0)
-        result = reshape_target(old, new, [int(v) for v in target.tolist()], bool(allowzero))
+        result = reshape_target(old_c, new_c, [int(v) for v in target.tolist()], bool(allowzero))
+        for r, t in zip(result, target.tolist()):
+            if r != t and any(r % p == 0 for p in stand.values()):
+                raise _Refuse(f"would need a dynamic dim in its constant target shape {target.tolist()}")
         if result != target.tolist():
             self.set_value(n, 1, np.array(result, dtype=target.dtype), "reshape_updated")
 

@@ -47,15 +47,16 @@ class Mac(Pass):
         model = graph_skeleton(graph, ctx.template)
         a = analyze(model, applicable_shapes(model, ctx.input_shapes))
         ctx.artifacts["mac"] = a
-        stats: dict[str, int | float | str] = {}
-        for key, value in a.totals().items():
-            if value is not None:
-                stats[key] = value
+        t = a.totals()
+        order = ("macs", "params", "flops", "peak_activation_bytes", "buffers", "constants", "weight_bytes", "nodes")
+        stats: dict[str, int | float | str] = {k: t[k] for k in order if t[k] is not None}
+        if a.peak is not None:
+            stats["peak_node"] = a.peak.node
+        if not a.complete:
+            stats.update(macs_known=t["macs_known"], flops_known=t["flops_known"], unknown_nodes=t["unknown_nodes"])
         top = [layer for layer in a.top(self.options.top) if layer.macs]
         if top:
             stats["top_layers"] = ", ".join(f"{layer.name}={layer.macs}" for layer in top)
-        if a.peak is not None:
-            stats["peak_node"] = a.peak.node
         if not a.complete:
             u = a.unknown[0]
             stats["unknown_example"] = f"{u.name} ({u.op_type}): {u.note}"
