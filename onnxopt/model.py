@@ -123,7 +123,9 @@ def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except DecodeError as e:
-        reason = "truncated or corrupt protobuf" if "runcated" in str(e) else "not an ONNX protobuf"
+        # Every ONNX file starts with field 1 (ir_version, varint): tag byte 0x08. A file that starts like one but does
+        # not parse was cut short or damaged; anything else is not an ONNX file at all.
+        reason = "truncated or corrupt ONNX protobuf" if data[:1] == b"\x08" else "not an ONNX protobuf"
         raise ModelLoadError(f"{p}: {reason} ({_first_line(e)})") from e
     except Exception as e:  # noqa: BLE001 - protobuf raises several types on garbage
         raise ModelLoadError(f"{p}: not an ONNX protobuf ({_first_line(e)})") from e
