@@ -13,8 +13,9 @@ from rich.table import Table
 
 from onnxopt.errors import OnnxoptError, OptionsError
 
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+# Tables are read in logs and CI output too: when not on a terminal, use a width that fits them instead of 80 columns.
+err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+out_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def _debug_requested(argv: list[str]) -> bool:

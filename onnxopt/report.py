@@ -35,11 +35,9 @@ def human_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
-def _fmt_stats(stats: dict[str, Any], limit: int = 6) -> str:
-    items = [f"{k}={v}" for k, v in stats.items() if not (isinstance(v, (int, float)) and v == 0 and k.startswith("skipped_"))]
-    if len(items) > limit:
-        items = items[:limit] + [f"(+{len(items) - limit} more in --json)"]
-    return ", ".join(items)
+def _fmt_stats(stats: dict[str, Any]) -> str:
+    """``k=v`` items, leaving out zero counters (a zero ``skipped_x`` or ``removed_x`` says nothing)."""
+    return ", ".join(f"{k}={v}" for k, v in stats.items() if not (isinstance(v, (int, float)) and v == 0))
 
 
 #: Summary keys shown in the pass table, with their formatter. Keys missing from a summary are skipped.
@@ -66,20 +64,23 @@ def pass_table(record: RunRecord) -> Table:
     cols = [(k, label, fmt) for k, label, fmt in SUMMARY_COLUMNS if k in record.before]
     for _, label, _ in cols:
         table.add_column(label, justify="right")
-    table.add_column("stats")
     for i, p in enumerate(record.passes, 1):
         table.add_row(
             str(i), p.name, "yes" if p.changed else "no", f"{p.seconds:.3f}s",
             *[_arrow(p.before.get(k), p.after.get(k), fmt) for k, _, fmt in cols],
-            _fmt_stats(p.stats),
         )
     if record.passes:
         table.add_row(
             "", "total", "yes" if any(p.changed for p in record.passes) else "no",
             f"{sum(p.seconds for p in record.passes):.3f}s",
-            *[_arrow(record.before.get(k), record.after.get(k), fmt) for k, _, fmt in cols], "", end_section=True,
+            *[_arrow(record.before.get(k), record.after.get(k), fmt) for k, _, fmt in cols], end_section=True,
         )
     return table
+
+
+def stats_lines(record: RunRecord) -> list[str]:
+    """One line per pass with its non-zero stats (the JSON record has all of them)."""
+    return [f"{i}. {p.name}: {_fmt_stats(p.stats) or '(no stats)'}" for i, p in enumerate(record.passes, 1)]
 
 
 def validation_table(validation: dict[str, Any]) -> Table:
@@ -101,6 +102,8 @@ def validation_table(validation: dict[str, Any]) -> Table:
 def print_record(record: RunRecord, console: Console | None = None) -> None:
     console = console or Console(stderr=True)
     console.print(pass_table(record))
+    for line in stats_lines(record):
+        console.print(line, soft_wrap=True, highlight=False)
     if record.validation:
         console.print(validation_table(record.validation))
     for note in record.notes:

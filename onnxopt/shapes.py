@@ -75,9 +75,13 @@ def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
 
 
 def resolve_input_shapes(
-    model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None
+    model: onnx.ModelProto, overrides: dict[str, tuple[int, ...]] | None = None, *, default_batch: int | None = None
 ) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes for every graph input; dynamic dims must be given in ``overrides``, never guessed."""
+    """Concrete shapes for every graph input; dynamic dims must be given in ``overrides``, never guessed.
+
+    ``default_batch``: when given, a dynamic LEADING dim (the batch of an exported model) takes this value; other
+    dynamic dims still need ``overrides``. Validation uses 1; analyses that must not guess (MACs) leave it None.
+    """
     overrides = dict(overrides or {})
     specs = graph_inputs(model)
     names = {s.name for s in specs}
@@ -102,6 +106,8 @@ def resolve_input_shapes(
             out[s.name] = shape
         elif s.is_static:
             out[s.name] = tuple(int(d) for d in s.shape)  # type: ignore[arg-type]
+        elif default_batch is not None and s.shape and all(isinstance(d, int) for d in s.shape[1:]):
+            out[s.name] = (default_batch, *s.shape[1:])  # type: ignore[arg-type]
         else:
             missing.append(f"{s.name}{list(s.shape)}")
     if missing:

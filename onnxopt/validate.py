@@ -69,11 +69,16 @@ def run(sess_or_model, feeds: dict[str, np.ndarray], *, optimize: bool = False) 
 
 
 def random_inputs(
-    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None, *, seed: int = 0
+    model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None, *, seed: int = 0,
+    default_batch: int | None = 1,
 ) -> dict[str, np.ndarray]:
-    """Seeded inputs: floats ~ N(0, 1), integers in [0, 8), bools fair coins. Dynamic dims come from ``shapes``."""
+    """Seeded inputs: floats ~ N(0, 1), integers in [0, 8), bools fair coins.
+
+    Dynamic dims come from ``shapes``; a dynamic leading (batch) dim not given there is ``default_batch`` (1). Any other
+    dynamic dim must be given: it is never guessed.
+    """
     rng = np.random.default_rng(seed)
-    resolved = resolve_input_shapes(model, shapes)
+    resolved = resolve_input_shapes(model, shapes, default_batch=default_batch)
     feeds = {}
     for spec in graph_inputs(model):
         shape = resolved[spec.name]
