@@ -239,7 +239,19 @@ def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
         for imp in template.opset_import:
             if imp.domain not in have:
                 model.opset_import.append(imp)
+        _initializer_inputs(model, template)
     return model
+
+
+def _initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
+    """List initializers as graph inputs again where the original did (graphsurgeon drops them from the inputs):
+    all of them below IR version 4, where the checker requires it; otherwise those the original listed (inputs with a
+    default value), so the model's interface does not change."""
+    listed = {vi.name for vi in template.graph.input} if template.HasField("graph") else set()
+    have = {vi.name for vi in model.graph.input}
+    for t in model.graph.initializer:
+        if t.name not in have and (model.ir_version < 4 or t.name in listed):
+            model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
 def header_of(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -253,6 +265,8 @@ def header_of(model: onnx.ModelProto) -> onnx.ModelProto:
     header.doc_string = model.doc_string
     header.metadata_props.extend(model.metadata_props)
     header.opset_import.extend(model.opset_import)
+    inits = {t.name for t in model.graph.initializer}
+    header.graph.input.extend(vi for vi in model.graph.input if vi.name in inits)  # initializers listed as inputs
     return header
 
 
