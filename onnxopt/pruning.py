@@ -1783,9 +1783,11 @@ def fold_deltas(cg: ChannelGraph, vp: ValuePropagation, keep_class: np.ndarray
         if not len(removed):
             continue
         mu = vp.mean(ly.in_name)[removed]
-        known = np.isfinite(mu) & (mu != 0)
+        finite = np.isfinite(mu)
+        notes["fold_unknown"] += int((~finite).sum())
+        notes["fold_zero"] += int((finite & (mu == 0)).sum())
+        known = finite & (mu != 0)
         if not known.any():
-            notes["fold_nothing_known"] += int(len(removed))
             continue
         if ly.kind == "matmul" or (ly.bias_index is not None and const_value(ly.node.inputs[ly.bias_index]) is None):
             notes["fold_no_bias"] += int(known.sum())
@@ -1814,7 +1816,7 @@ def fold_deltas(cg: ChannelGraph, vp: ValuePropagation, keep_class: np.ndarray
             delta = (cols @ vals) if ly.w_in_axis == 1 else (vals @ cols)
         deltas[ly.node.name] = delta
         notes["folded_channels"] += int(len(idx))
-    return deltas, notes
+    return deltas, +notes
 
 
 def dead_classes(cg: ChannelGraph, vp: ValuePropagation) -> tuple[np.ndarray, Counter, list[str]]:
@@ -1860,6 +1862,26 @@ def dead_classes(cg: ChannelGraph, vp: ValuePropagation) -> tuple[np.ndarray, Co
     removable = present & is_dead & known_everywhere & ~fixed
     # classes constant at every position but whose positions reach no consumer are removable too (covered above)
     return removable, notes, kept_why
+
+
+def equalize_blocks(cg: ChannelGraph, removable: np.ndarray) -> tuple[np.ndarray, int]:
+    """Grouped convs need the same number of channels per group: in groups with a block structure, remove only as
+    many dead classes per block as the block with the fewest has. Returns (removable, number of dead classes kept)."""
+    out = removable.copy()
+    kept = 0
+    for g in cg.groups:
+        if not g.blocks or not out[g.classes].any():
+            continue
+        if not _blocks_consistent(g):
+            kept += int(out[g.classes].sum())
+            out[g.classes] = False
+            continue
+        per_block = [blk[out[blk]] for blk in g.blocks[0]]
+        m = min(len(b) for b in per_block)
+        for b in per_block:
+            out[b[m:]] = False
+            kept += len(b) - m
+    return out, kept
 
 
 # ================================================================================================ shapes

@@ -25,15 +25,18 @@ from onnxopt.pruning import ChannelGraph, Layer, _attr
 
 
 def calibration_batches(source: Any, limit: int) -> Iterator[dict[str, np.ndarray]]:
-    """Feed dicts from a calibration source (any re-iterable of feed dicts), at most ``limit`` samples in total."""
+    """Feed dicts from a calibration source (any re-iterable of feed dicts), at most ``limit`` samples in total.
+
+    A batch that would exceed the limit is dropped (not cut: a model with a static batch dim needs whole batches),
+    except the first one, which is cut to ``limit`` samples.
+    """
     seen = 0
     for feeds in source:
-        if seen >= limit:
-            return
         n = len(next(iter(feeds.values())))
         if seen + n > limit:
-            feeds = {k: v[: limit - seen] for k, v in feeds.items()}
-            n = limit - seen
+            if seen == 0:
+                yield {k: v[:limit] for k, v in feeds.items()}
+            return
         seen += n
         yield feeds
 

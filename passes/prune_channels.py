@@ -32,6 +32,7 @@ from onnxopt.pruning import (
     ValuePropagation,
     class_importance,
     dead_classes,
+    equalize_blocks,
     fold_deltas,
     graph_shapes,
     group_table,
@@ -145,6 +146,9 @@ class PruneChannels(Pass):
         if o.mode == "dead":
             vp = ValuePropagation(cg, "exact", o.dead_tol)
             removable, notes, why = dead_classes(cg, vp)
+            removable, kept_for_groups = equalize_blocks(cg, removable)
+            if kept_for_groups:
+                notes["dead_kept_group_structure"] = kept_for_groups
             keep = present & ~removable
             stats.update(notes)
             if why:
