@@ -14,8 +14,8 @@ Range methods, all computed from that state:
                 candidate number ``i`` of kept bins, the reference
                 distribution P is the histogram cut at ``i`` with the clipped mass added to its last bin, the candidate
                 Q is the same bins merged into ``levels + 1`` quantization bins and expanded back over P's non-empty
-                bins; the threshold is the edge of the ``i`` minimizing KL(P || Q). Computed for all ``i`` at once
-                from cumulative sums rather than in a loop.
+                bins; the threshold is the edge of the ``i`` minimizing KL(P || Q). Computed from cumulative sums,
+                one vector operation per merge factor rather than a loop over ``i``.
 ``mse``         the clip ``T`` minimizing the expected squared quantization error of the observed histogram: values
                 beyond ``T`` cost ``(|x| - T)^2``, values below half a step round to zero and cost ``x^2``, the others
                 cost the uniform rounding noise ``step^2 / 12`` with ``step = T / levels``.
@@ -93,28 +93,32 @@ def kl_divergences(hist: np.ndarray, num_quantized_bins: int = 128) -> tuple[np.
     with np.errstate(divide="ignore", invalid="ignore"):
         hl = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
     cl = np.concatenate([[0.0], np.cumsum(hl)])                     # sum h log h over h[:k]
-    cand = np.arange(nq, n + 1, dtype=np.int64)                     # i = number of kept bins
-    out = total - cs[cand]                                          # clipped mass added to P[i-1]
-    m = cand // nq                                                  # bins merged per quantization bin
-    j = np.arange(nq + 1, dtype=np.int64)
-    bounds = m[:, None] * j[None, :]
-    bounds[:, -1] = cand                                            # the last quantization bin takes the rest
-    tj = cs[bounds[:, 1:]] - cs[bounds[:, :-1]]                     # Q mass per quantization bin
-    nj = (cz[bounds[:, 1:]] - cz[bounds[:, :-1]]).astype(np.float64)  # non-empty P bins per quantization bin
-    last = h[cand - 1]
-    nj[:, -1] += ((last == 0) & (out > 0)).astype(np.float64)       # P[i-1] may be non-empty from clipped mass only
-    pj = tj.copy()
-    pj[:, -1] += out
-    # sum P log P = sum over h[:i-1] of h log h + P[i-1] log P[i-1]
-    p_last = last + out
-    with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = cl[cand - 1] + np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0)), 0.0)
-        qlog = np.where(pj > 0, pj * np.log(np.where(tj > 0, tj, 1.0) / np.where(nj > 0, nj, 1.0)), 0.0)
-    bad = np.any((pj > 0) & (tj <= 0), axis=1)
-    sq = cs[cand]
-    kl = (plogp - qlog.sum(axis=1)) / total - math.log(total) + np.log(sq)
-    kl = np.where(bad, np.inf, np.maximum(kl, 0.0))
-    return cand, kl
+    # Candidates with the same merge factor m = i // nq share their first nq - 1 quantization bins; only the last one
+    # (which holds bin i - 1 and the clipped mass) depends on i. So: one vector of nq - 1 chunk terms per m.
+    cands, kls = [], []
+    for m in range(1, n // nq + 1):
+        cand = np.arange(m * nq, min((m + 1) * nq - 1, n) + 1, dtype=np.int64)   # i = number of kept bins
+        starts = np.arange(nq, dtype=np.int64) * m
+        tj = cs[starts[1:]] - cs[starts[:-1]]                    # Q (= P) mass of the first nq - 1 bins
+        nj = cz[starts[1:]] - cz[starts[:-1]]                    # their non-empty bins
+        with np.errstate(divide="ignore", invalid="ignore"):
+            fixed = float(np.sum(np.where(tj > 0, tj * np.log(np.where(tj > 0, tj, 1.0) / np.maximum(nj, 1)), 0.0)))
+        first_last = starts[-1]
+        out = total - cs[cand]                                   # clipped mass added to P[i-1]
+        last = h[cand - 1]
+        t_last = cs[cand] - cs[first_last]
+        n_last = (cz[cand] - cz[first_last]) + ((last == 0) & (out > 0))
+        p_last = t_last + out
+        p_edge = last + out                                      # P[i-1]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            plogp = cl[cand - 1] + np.where(p_edge > 0, p_edge * np.log(np.where(p_edge > 0, p_edge, 1.0)), 0.0)
+            qlog = np.where(p_last > 0, p_last * np.log(np.where(t_last > 0, t_last, 1.0) / np.maximum(n_last, 1)),
+                            0.0)
+            kl = (plogp - fixed - qlog) / total - math.log(total) + np.log(cs[cand])
+        kl = np.where((p_last > 0) & (t_last <= 0), np.inf, np.maximum(kl, 0.0))
+        cands.append(cand)
+        kls.append(kl)
+    return np.concatenate(cands), np.concatenate(kls)
 
 
 def threshold_entropy(hist: np.ndarray, width: float, num_quantized_bins: int = 128) -> float:
@@ -180,6 +184,7 @@ class RangeCollector:
         self.max = -math.inf
         self.count = 0           # values histogrammed
         self.nonfinite = 0       # NaN/Inf values seen (ignored)
+        self._memo: dict[tuple, float] = {}  # thresholds computed since the last update
 
     @property
     def width(self) -> float:
@@ -212,6 +217,7 @@ class RangeCollector:
     def update(self, values: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
         """Add ``values`` to the histogram; ``lo``/``hi`` are the exact min/max of the batch they were drawn from
         (default: of ``values``)."""
+        self._memo.clear()
         v = np.asarray(values)
         if v.dtype != np.float32 and v.dtype != np.float64:
             v = v.astype(np.float32)
@@ -258,7 +264,10 @@ class RangeCollector:
         elif method == "percentile":
             t = threshold_percentile(self.hist, self.width, percentile)
         elif method == "entropy":
-            t = threshold_entropy(self.hist, self.width, levels + 1)
+            key = ("entropy", levels)
+            if key not in self._memo:
+                self._memo[key] = threshold_entropy(self.hist, self.width, levels + 1)
+            t = self._memo[key]
             if entropy_guard > 0:
                 t = max(t, threshold_percentile(self.hist, self.width, entropy_guard))
         else:
@@ -308,6 +317,7 @@ class RangeCollector:
         if idx.size and (idx.min() < 0 or idx.max() >= c.bins) or idx.shape != cnt.shape:
             raise ValueError("bad histogram state")
         c.hist[idx] = cnt
+        c._memo.clear()
         return c
 
 
