@@ -59,7 +59,7 @@ def main() -> None:
     def ours():
         m = onnxopt.load(src)
         res = onnxopt.optimize(m, [onnxopt.create_pass("fold-bn"), onnxopt.create_pass("cleanup")], validate=False)
-        onnxopt.save(res.model, work / "onnxopt.onnx")
+        res.save(work / "onnxopt.onnx")
 
     results: dict[str, float] = {}
     results["bare load+save"] = median_time(bare, args.repeats)

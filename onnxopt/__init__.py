@@ -6,7 +6,7 @@ Library use::
     model = onnxopt.load("model.onnx")
     passes = [onnxopt.create_pass("fold-bn"), onnxopt.create_pass("cleanup")]
     result = onnxopt.optimize(model, passes)          # runs the PassManager, then validates with ONNX Runtime
-    onnxopt.save(result.model, "model.opt.onnx")
+    result.save("model.opt.onnx")                      # atomic, streamed from the graph
 """
 
 from onnxopt.errors import (

@@ -179,7 +179,7 @@ def run(model: Path, output: Path | None, pass_specs, config, in_place, force, n
       onnxopt run model.onnx -p fold-bn -p prune-channels:ratio=0.3 -p cleanup --calib data.npz
       onnxopt run model.onnx --config pipeline.toml --input-shape input=1x3x224x224
     """
-    from onnxopt.model import load, save
+    from onnxopt.model import load
     from onnxopt.pass_base import PassContext
     from onnxopt.report import print_record, write_json
     from onnxopt.shapes import parse_input_shapes
@@ -232,7 +232,7 @@ def run(model: Path, output: Path | None, pass_specs, config, in_place, force, n
 
             raise ValidationError("validation failed, nothing written (use --force to write anyway): " + "; ".join(failed))
         err_console.print("[bold yellow]warning:[/bold yellow] validation failed; writing anyway because of --force")
-    save(result.model, out, protect=() if in_place else (model,))
+    result.save(out, protect=() if in_place else (model,))
     out_console.print(str(out)) if quiet else err_console.print(f"wrote {out}")
     if backend:
         from onnxopt.cli_build import run_backend_check

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -189,33 +191,9 @@ def save(
     ``external_data``: None = only when the model is too large for one protobuf message. With external data the
     tensors go to ``<name>.data`` beside the model. ``protect``: paths that must never be overwritten (the input).
     """
-    out = Path(path)
-    for prot in protect:
-        if out.exists() and Path(prot).exists() and os.path.samefile(out, prot):
-            raise ModelSaveError(f"{out}: refusing to overwrite the input model (use --in-place to allow it)")
-    if out.is_dir():
-        raise ModelSaveError(f"{out}: is a folder")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelSaveError(f"{out}: folder {folder} does not exist")
     if external_data is None:
         external_data = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
-    try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
-    except OSError as e:
-        raise ModelSaveError(f"{out}: cannot write in {folder}: {e.strerror or e}") from e
-    try:
-        tmp = tmpdir / out.name
-        _write(model, tmp, external=external_data)
-        data_tmp = tmpdir / (out.name + ".data")
-        if data_tmp.exists():
-            os.replace(data_tmp, folder / data_tmp.name)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise ModelSaveError(f"{out}: write failed: {e.strerror or e}") from e
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    return out
+    return _atomic(Path(path), protect, lambda tmp: _write(model, tmp, external=bool(external_data)))
 
 
 def model_to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -274,14 +252,10 @@ def header_of(model: onnx.ModelProto) -> onnx.ModelProto:
 SKELETON_STUB_BYTES = 4096
 
 
-def graph_skeleton(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """The model without its large weights: every constant over ``SKELETON_STUB_BYTES`` keeps its name, type and dims
-    but holds a single element of data.
-
-    Shape inference only needs dims (and the values of small shape-like constants, which are kept), so checking a
-    skeleton costs milliseconds where checking a 100 MB model costs a second. The graph is not modified (the stubs are
-    swapped in for the export and swapped back).
-    """
+@contextlib.contextmanager
+def _stubbed(graph: gs.Graph):
+    """Swap every numeric constant over ``SKELETON_STUB_BYTES`` for a one-element stub with the same name, type and
+    dims; yield the swapped constants (their real values are restored on exit, so the graph is left as it was)."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
     swapped: list[tuple[gs.Constant, object]] = []
@@ -295,6 +269,8 @@ def graph_skeleton(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
                 continue
             stub = onnx.TensorProto(name=t.name, dims=list(t.shape))
             if isinstance(values, LazyValues):
+                if values.tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    continue
                 stub.data_type = values.tensor.data_type
             elif isinstance(values, np.ndarray) and values.dtype.kind in "biuf":
                 stub.data_type = onnx.helper.np_dtype_to_tensor_dtype(values.dtype)
@@ -306,10 +282,146 @@ def graph_skeleton(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
             stub.raw_data = b"\0" * itemsize
             swapped.append((t, values))
             t._values = LazyValues(stub)
-        return graph_to_model(graph, template)
+        yield [t for t, _ in swapped]
     finally:
         for t, values in swapped:
             t._values = values
+
+
+def graph_skeleton(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """The model without its large weights: every constant over ``SKELETON_STUB_BYTES`` keeps its name, type and dims
+    but holds a single element of data.
+
+    Shape inference only needs dims (and the values of small shape-like constants, which are kept), so checking a
+    skeleton costs milliseconds where checking a 100 MB model costs a second. The graph is not modified.
+    """
+    with _stubbed(graph):
+        return graph_to_model(graph, template)
+
+
+# -- streaming serialization --------------------------------------------------------------------------------------------
+# Exporting a graph to a ModelProto copies every weight into protobuf, and serializing copies it again. To write a model
+# (or hand it to ONNX Runtime) we instead serialize the small rest of the model once and append each large initializer
+# as its own protobuf field, its raw data taken straight from the numpy buffer. Protobuf allows a message's fields in any
+# order and concatenates repeated fields, so the bytes parse to the same model (initializers in a different order).
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _len_field(number: int, length: int) -> bytes:
+    return _varint((number << 3) | 2) + _varint(length)
+
+
+_GRAPH_FIELD, _INITIALIZER_FIELD = 7, 5  # ModelProto.graph, GraphProto.initializer
+_DIMS, _DATA_TYPE, _NAME, _RAW_DATA = 1, 2, 8, 9  # TensorProto fields
+
+
+def _tensor_pieces(t: gs.Constant) -> list:
+    """Serialized TensorProto of a constant, as byte pieces (the raw data is a view of the numpy buffer, not a copy)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    values = t._values
+    if isinstance(values, LazyValues):
+        values.tensor.name = t.name
+        return [values.tensor.SerializeToString()]
+    arr = np.asarray(values)
+    try:
+        data_type = onnx.helper.np_dtype_to_tensor_dtype(arr.dtype)
+    except (KeyError, TypeError, ValueError):
+        data_type = None
+    if data_type is None or arr.dtype.kind not in "biuf":
+        return [OnnxExporter.export_tensor_proto(t).SerializeToString()]
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    name = t.name.encode()
+    raw = memoryview(arr.reshape(-1).view(np.uint8))
+    head = b"".join(_varint((_DIMS << 3) | 0) + _varint(int(d)) for d in arr.shape)
+    head += _varint((_DATA_TYPE << 3) | 0) + _varint(data_type)
+    head += _len_field(_NAME, len(name)) + name + _len_field(_RAW_DATA, raw.nbytes)
+    return [head, raw]
+
+
+def serialize_pieces(graph: gs.Graph, template: onnx.ModelProto | None = None) -> list:
+    """The model of ``graph`` serialized as a list of byte pieces whose concatenation is a valid ONNX file."""
+    with _stubbed(graph) as big:
+        model = graph_to_model(graph, template)
+    names = {t.name for t in big}
+    small = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(small)
+    graph_bytes = model.graph.SerializeToString()
+    model.ClearField("graph")
+    tensors = []
+    for t in big:
+        pieces = _tensor_pieces(t)
+        tensors.append([_len_field(_INITIALIZER_FIELD, sum(len(memoryview(p)) for p in pieces)), *pieces])
+    graph_len = len(graph_bytes) + sum(len(memoryview(p)) for ps in tensors for p in ps)
+    out = [model.SerializeToString(), _len_field(_GRAPH_FIELD, graph_len), graph_bytes]
+    for ps in tensors:
+        out.extend(ps)
+    return out
+
+
+def graph_nbytes(graph: gs.Graph) -> int:
+    """Bytes of constant data in ``graph`` (from shapes; nothing is loaded)."""
+    return sum(int(getattr(t._values, "nbytes", 0)) for t in graph.tensors().values() if isinstance(t, gs.Constant))
+
+
+def _atomic(out: Path, protect: tuple[str | os.PathLike, ...], write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp_path)`` in a temporary folder beside ``out``, then rename the file (and ``.data``) into place."""
+    for prot in protect:
+        if out.exists() and Path(prot).exists() and os.path.samefile(out, prot):
+            raise ModelSaveError(f"{out}: refusing to overwrite the input model (use --in-place to allow it)")
+    if out.is_dir():
+        raise ModelSaveError(f"{out}: is a folder")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelSaveError(f"{out}: folder {folder} does not exist")
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
+    except OSError as e:
+        raise ModelSaveError(f"{out}: cannot write in {folder}: {e.strerror or e}") from e
+    try:
+        tmp = tmpdir / out.name
+        write(tmp)
+        data_tmp = tmpdir / (out.name + ".data")
+        if data_tmp.exists():
+            os.replace(data_tmp, folder / data_tmp.name)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ModelSaveError(f"{out}: write failed: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return out
+
+
+def save_graph(
+    graph: gs.Graph,
+    template: onnx.ModelProto | None,
+    path: str | os.PathLike,
+    *,
+    protect: tuple[str | os.PathLike, ...] = (),
+) -> Path:
+    """Write the model of ``graph`` atomically without building it in memory first (see :func:`serialize_pieces`).
+    Models too large for one protobuf message go through :func:`save` with external data."""
+    if graph_nbytes(graph) >= EXTERNAL_DATA_THRESHOLD:
+        return save(graph_to_model(graph, template), path, external_data=True, protect=protect)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            for piece in serialize_pieces(graph, template):
+                f.write(piece)
+
+    return _atomic(Path(path), protect, write)
 
 
 def checkable(skeleton: onnx.ModelProto) -> onnx.ModelProto:

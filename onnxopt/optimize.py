@@ -2,25 +2,59 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 
 from onnxopt.errors import OnnxoptError, ValidationError
+from onnxopt.model import EXTERNAL_DATA_THRESHOLD, graph_to_model, save, save_graph, serialize_pieces, tensor_bytes
 from onnxopt.pass_base import Pass, PassContext
 from onnxopt.pass_manager import PassManager, RunRecord, Verifier
 from onnxopt.shapes import graph_inputs
 from onnxopt.validate import Tolerances, compare_outputs, random_inputs, run, session
 
 
-@dataclass
 class OptimizeResult:
-    model: onnx.ModelProto
-    record: RunRecord
-    validated: bool
-    ok: bool  # validation passed (or was not asked for)
+    """The outcome of :func:`optimize`: the run record, the validation verdict, and the new model.
+
+    ``model`` is exported from the rewritten graph on first use; :meth:`save` streams the graph to a file without
+    building the whole ModelProto in memory (see :func:`onnxopt.model.save_graph`).
+    """
+
+    def __init__(self, original: onnx.ModelProto, graph: gs.Graph | None, template: onnx.ModelProto,
+                 record: RunRecord, validated: bool, ok: bool) -> None:
+        self._original = original
+        self._graph = graph
+        self._template = template
+        self._model: onnx.ModelProto | None = None if graph is not None else original
+        self.record = record
+        self.validated = validated
+        self.ok = ok  # validation passed (or was not asked for)
+
+    @property
+    def changed(self) -> bool:
+        return self._graph is not None
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        if self._model is None:
+            self._model = graph_to_model(self._graph, self._template)
+        return self._model
+
+    def serialized(self) -> bytes:
+        """The new model as bytes (for ONNX Runtime), without an intermediate ModelProto."""
+        if self._model is not None:
+            return self._model.SerializeToString()
+        return b"".join(serialize_pieces(self._graph, self._template))
+
+    def save(self, path, *, protect=()):
+        """Write the new model atomically (see :func:`onnxopt.model.save`)."""
+        if self._model is not None:
+            return save(self._model, path, protect=protect)
+        return save_graph(self._graph, self._template, path, protect=protect)
 
 
 def _summarizer() -> Callable[[onnx.ModelProto, PassContext], dict[str, Any]]:
@@ -83,12 +117,14 @@ def optimize(
                                "use --no-validate to skip validation") from e
     verifier = Verifier(feeds, reference, tolerances) if verify_each and reference is not None else None
     manager = PassManager(passes, verifier=verifier, summarize=_summarizer(), on_pass=on_pass)
-    new_model, record = manager.run(model, ctx)
-    ok = True
+    graph, record = manager.run_graph(model, ctx)
+    result = OptimizeResult(model, graph, ctx.template, record, validated=reference is not None, ok=True)
     if validate and reference is not None:
         tol = tolerances if tolerances is not None else Tolerances.for_kind(record.kind)
-        cmp = compare_outputs(reference, run(session(new_model), feeds), tol)
-        ok = cmp.ok
+        new_session = session(result.serialized() if result.changed and tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD
+                              else result.model)
+        cmp = compare_outputs(reference, run(new_session, feeds), tol)
+        result.ok = cmp.ok
         record.validation = {
             "mode": "ONNX Runtime CPU, graph optimizations off" + feeds_note,
             "kind": record.kind,
@@ -99,7 +135,7 @@ def optimize(
         extra = ctx.artifacts.get("validation_extra")
         if extra:
             record.validation["extra"] = extra
-    return OptimizeResult(new_model, record, validated=reference is not None, ok=ok)
+    return result
 
 
 __all__ = ["optimize", "OptimizeResult", "ValidationError"]

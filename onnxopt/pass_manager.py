@@ -117,7 +117,14 @@ class PassManager:
         self.on_pass = on_pass
 
     def run(self, model: onnx.ModelProto, ctx: PassContext | None = None) -> tuple[onnx.ModelProto, RunRecord]:
+        """Run the passes; returns the new model (``model`` itself when nothing changed) and the run record."""
         ctx = ctx or PassContext()
+        graph, record = self.run_graph(model, ctx)
+        return (graph_to_model(graph, ctx.template) if graph is not None else model), record
+
+    def run_graph(self, model: onnx.ModelProto, ctx: PassContext) -> tuple[gs.Graph | None, RunRecord]:
+        """Like :meth:`run`, but returns the rewritten graph (None when nothing changed) without exporting it, for
+        callers that stream it to a file (:func:`onnxopt.model.save_graph`) instead of building a ModelProto."""
         ctx.template = header_of(model)
         ctx.opset = default_opset(model)
         graph = gs.import_onnx(model)
@@ -182,7 +189,7 @@ class PassManager:
             )
             done.append(p.name)
         record.after = record.passes[-1].after if record.passes else record.before
-        return (graph_to_model(graph, ctx.template) if changed_any else model), record
+        return (graph if changed_any else None), record
 
     # -- invariants -------------------------------------------------------------------------------------------------
     @staticmethod

@@ -33,8 +33,8 @@ def _session_options(optimize: bool):
     return so
 
 
-def session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool = False):
-    """An ONNX Runtime CPU session for a model proto or a path (big protos go through a temporary file)."""
+def session(model: onnx.ModelProto | bytes | str | os.PathLike, *, optimize: bool = False):
+    """An ONNX Runtime CPU session for a model proto, serialized bytes or a path (big protos go through a file)."""
     import onnxruntime as ort
 
     from onnxopt.model import EXTERNAL_DATA_THRESHOLD, _write, tensor_bytes
@@ -44,6 +44,8 @@ def session(model: onnx.ModelProto | str | os.PathLike, *, optimize: bool = Fals
     try:
         if isinstance(model, (str, os.PathLike)):
             return ort.InferenceSession(str(model), so, providers=providers)
+        if isinstance(model, (bytes, bytearray)):
+            return ort.InferenceSession(bytes(model), so, providers=providers)
         if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD:
             return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
         with tempfile.TemporaryDirectory(prefix="onnxopt-ort-") as d:

@@ -190,3 +190,47 @@ def test_input_model_never_modified(tmp_path, capsys):
     assert code == 0, err
     assert path.read_bytes() == before and os.stat(path).st_mtime_ns == mtime
     assert [n.op_type for n in onnx.load(str(tmp_path / "o.onnx")).graph.node] == ["Conv", "Relu"]
+
+
+# -- streamed serialization ------------------------------------------------------------------------------------------
+
+def _canonical(model: onnx.ModelProto) -> tuple:
+    """A model's content with initializers sorted by name (streamed saves append large initializers last)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = sorted(m.graph.initializer, key=lambda t: t.name)
+    arrays = [(t.name, t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes()) for t in inits]
+    del m.graph.initializer[:]
+    return m.SerializeToString(deterministic=True), arrays
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64, np.int64, np.int8, np.uint8, np.bool_])
+def test_streamed_save_equals_exported_model(tmp_path, dtype):
+    import onnx_graphsurgeon as gs
+
+    from onnxopt.model import graph_to_model, header_of, save_graph, serialize_pieces
+
+    rng = np.random.default_rng(0)
+    big = (rng.standard_normal((40, 64)) * 10).astype(dtype)  # over the 4 KiB stub threshold for every dtype
+    small = np.arange(3, dtype=np.int64)
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["big"], ["y"], name="id"), helper.make_node("Identity", ["small"], ["z"])],
+        "g", [], [helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [40, 64]),
+                  helper.make_tensor_value_info("z", TensorProto.INT64, [3])],
+        [numpy_helper.from_array(big, "big"), numpy_helper.from_array(small, "small")],
+    )
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], producer_name="p")
+    model.ir_version = 8
+    graph = gs.import_onnx(model)
+    # one lazily loaded constant (from the proto) and one replaced by a numpy array, as passes do
+    extra = gs.Constant("extra", (rng.standard_normal((33, 50)) * 5).astype(dtype))
+    graph.nodes.append(gs.Node("Identity", inputs=[extra], outputs=[gs.Variable("w", dtype=np.dtype(dtype), shape=[33, 50])]))
+    graph.outputs.append(graph.nodes[-1].outputs[0])
+    header = header_of(model)
+    expected = graph_to_model(graph, header)
+    streamed = onnx.ModelProto()
+    streamed.ParseFromString(b"".join(serialize_pieces(graph, header)))
+    assert _canonical(streamed) == _canonical(expected)
+    out = save_graph(graph, header, tmp_path / "s.onnx")
+    assert _canonical(load(out)) == _canonical(expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.onnx"]
