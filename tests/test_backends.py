@@ -267,6 +267,39 @@ def test_openvino_float_digits_matches_onnxruntime(openvino_backend, digits):
     assert output_metrics("logits", ref, out).rel_l2 <= 1e-4
 
 
+@pytest.fixture(scope="module")
+def digits_int8(digits):
+    """The digits model quantized by onnxopt's own pipeline: fold-bn, then quantize (int8 QDQ, TensorRT style)."""
+    from onnxopt.calibration import open_calibration
+    from onnxopt.optimize import optimize
+    from onnxopt.pass_base import PassContext
+    from onnxopt.pipeline import from_specs
+    from onnxopt.registry import load_registry
+
+    m = digits[0]
+    ctx = PassContext(seed=0)
+    ctx.calibration = open_calibration(str(DIGITS_DATA), model=m, batch_size=50)
+    passes = from_specs(["fold-bn", "quantize:check=false"], load_registry())
+    return optimize(m, passes, ctx=ctx, validate=False).model
+
+
+def test_quantize_output_passes_trt_check(digits_int8):
+    from onnxopt.trt_check import check
+
+    assert check(digits_int8, parse_profiles(["input=1x1x32x32:8x1x32x32:64x1x32x32"])) == []
+
+
+def test_openvino_int8_digits_runs_in_int8_within_half_a_point(openvino_backend, digits, digits_int8):
+    m, x, labels = digits
+    assert sum(n.op_type == "QuantizeLinear" for n in digits_int8.graph.node) > 0
+    art = openvino_backend.build(digits_int8)
+    assert art.info["int8_layers"] >= 9  # the nine convolutions (at least) run in int8 on the low-precision path
+    logits = openvino_backend.runner(art).run({"input": x})["logits"]
+    acc_int8 = float(np.mean(logits.argmax(1) == labels)) * 100
+    acc_float = float(np.mean(run(session(m), {"input": x})["logits"].argmax(1) == labels)) * 100
+    assert abs(acc_int8 - acc_float) <= 0.5, (acc_float, acc_int8)
+
+
 def test_openvino_writes_ir_atomically_and_runs_it_with_a_dynamic_batch(openvino_backend, digits, tmp_path):
     m, x, _ = digits
     out = tmp_path / "d.xml"
