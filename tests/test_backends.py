@@ -313,6 +313,8 @@ def test_openvino_writes_ir_atomically_and_runs_it_with_a_dynamic_batch(openvino
         np.testing.assert_allclose(got, run(m, {"input": x[:batch]})["logits"], rtol=1e-4, atol=1e-4)
     with pytest.raises(OptionsError, match="must end in .xml"):
         openvino_backend.build(m, BuildOptions(output=tmp_path / "d.bin"))
+    with pytest.raises(OptionsError, match="dim 1 is fixed to 1 in the model"):
+        openvino_backend.build(m, BuildOptions(profiles=parse_profiles(["input=1x2x32x32"])))
 
 
 def test_cli_build_and_run_with_openvino(openvino_backend, tmp_path, capsys):

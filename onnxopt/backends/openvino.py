@@ -128,10 +128,12 @@ class OpenVinoBackend(Backend):
         proto = load_model_arg(model)
         if options.output is not None and Path(options.output).suffix != ".xml":
             raise OptionsError(f"-o {options.output}: an OpenVINO IR path must end in .xml (weights go to .bin beside it)")
-        if options.profiles:
-            from onnxopt.backends.base import resolve_profiles
+        if options.profiles:  # names, ranks and fixed dims checked with onnxopt's messages; other inputs stay dynamic
+            from onnxopt.backends.base import profile_problems
 
-            resolve_profiles(proto, options.profiles)  # names and ranks checked with onnxopt's messages
+            problems = [msg for _, code, msg in profile_problems(proto, options.profiles) if code != "DYNAMIC_NO_PROFILE"]
+            if problems:
+                raise OptionsError("; ".join(problems))
         core = ov.Core()
         ov_model = self._read(core, proto)
         self._reshape(ov, ov_model, options)
