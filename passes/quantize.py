@@ -170,6 +170,8 @@ class Quantize(Pass):
             report["sensitivity"] = sens
             stats["fallback_layers"] = ",".join(sens["fallback"]) or "(none)"
             stats["fallback_count"] = len(sens["fallback"])
+            ctx.artifacts.setdefault("validation_extra", {})["int8 layers kept in float (sensitivity)"] = (
+                ", ".join(sens["fallback"]) or "none") + ("" if sens["target_met"] else " (target not met)")
 
         inserted = qz.insert_qdq(graph, placement, params, weight_bits=bits, only=only, **build)
         stats.update(
