@@ -503,3 +503,30 @@ def test_digits_entropy_end_to_end(tmp_path):
     assert extra["int8 deployment check"] == "deployment agrees with the reference"
     assert extra["float accuracy"] == f"{100 * acc_float:.2f}%"
     assert f"accuracy {100 * acc_deploy:.2f}%" in extra["int8 deployment (ORT_ENABLE_ALL)"]
+
+
+def test_cli_quantize_eval_prints_both_modes(tmp_path, capsys):
+    from onnxopt.cli import main
+
+    out, rep = tmp_path / "q.onnx", tmp_path / "r.json"
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", DIGITS, "--calib", DIGITS_NPZ, "--calib-samples", "64", "--target", "onnxruntime",
+              "--method", "mse", "--eval", DIGITS_NPZ, "-o", str(out), "--json", str(rep), "-q"])
+    assert e.value.code == 0
+    acc = json.loads(rep.read_text())["eval_accuracy"]
+    assert set(acc) == {"float, ORT optimizations off", "float, ORT_ENABLE_ALL",
+                        "int8, ORT optimizations off (reference)", "int8, ORT_ENABLE_ALL (deployment)"}
+    assert acc["int8, ORT_ENABLE_ALL (deployment)"] >= acc["float, ORT optimizations off"] - 0.01
+    assert "int8, ORT_ENABLE_ALL (deployment)" in capsys.readouterr().out
+    # bad input: one line, exit 2, nothing written
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", DIGITS, "--calib", DIGITS_NPZ, "--eval", str(tmp_path / "nope.npz"),
+              "-o", str(tmp_path / "x.onnx")])
+    assert e.value.code == 2 and not (tmp_path / "x.onnx").exists()
+    assert "--eval" in capsys.readouterr().err
+    # random calibration is flagged in the report
+    with pytest.raises(SystemExit) as e:
+        main(["run", DIGITS, "-p", "fold-bn", "-p", "quantize:check=false", "--calib-random", "--calib-samples", "8",
+              "--input-shape", "input=8x1x32x32", "-o", str(tmp_path / "r.onnx"), "--json", str(rep), "-q"])
+    assert e.value.code == 0
+    assert any("RANDOM" in n for n in json.loads(rep.read_text())["notes"])
