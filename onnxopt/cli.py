@@ -61,6 +61,7 @@ class LazyGroup(click.Group):
         "build": "onnxopt.cli_build:build",
         "trt-check": "onnxopt.cli_build:trt_check_cmd",
         "mac": "onnxopt.cli_mac:mac",
+        "quantize": "onnxopt.cli_quantize:quantize",
     }
 
     def list_commands(self, ctx):
