@@ -110,13 +110,12 @@ class Cleanup(Pass):
                 failures = _Folder(graph, o, ctx, stats, keep).run()
             else:
                 stats["skipped_fold_unsorted_graph"] = 1
-        merged = _merge_duplicates(graph) if o.merge_duplicates else 0
+        merged = _merge_duplicates(graph) if o.merge_duplicates else set()
         if merged:
-            stats["merged_duplicate_initializers"] = merged
-            _sweep(graph, keep)  # the merged copies are unused now
+            stats["merged_duplicate_initializers"] = len(merged)
 
         after = _constants(graph)
-        stats["removed_unused_initializers"] = sum(1 for k in constants_before if k not in after) - merged
+        stats["removed_unused_initializers"] = sum(1 for k in constants_before if k not in after and k not in merged)
         if failures:
             named = ", ".join(f"{f['node']}({f['op']})" for f in failures[:_MAX_NAMED])
             more = len(failures) - _MAX_NAMED
@@ -347,14 +346,19 @@ class _Folder:
         return None
 
     def run(self) -> list[dict[str, str]]:
-        graphs = list(_graphs(self.graph))
-        self.stats["lowered_constant_nodes"] += sum(self._lower_constants(g) for g in graphs)
-        if self.o.fold_shapes:
-            self.stats["folded_shape_nodes"] += self._fold_shapes()
-        for g in graphs:
-            if self._anything_to_fold(g):
-                self._gs_fold(g)
-        folded = _sweep(self.graph, self.keep)  # nodes whose outputs became constants (and what only fed them)
+        self.stats["lowered_constant_nodes"] += sum(self._lower_constants(g) for g in _graphs(self.graph))
+        folded = 0
+        for _ in range(_MAX_ROUNDS):
+            # Folding can make a shape static (e.g. Split sizes that were computed), so Shape/Size get another try.
+            shapes = self._fold_shapes() if self.o.fold_shapes else 0
+            self.stats["folded_shape_nodes"] += shapes
+            for g in list(_graphs(self.graph)):
+                if self._anything_to_fold(g):
+                    self._gs_fold(g)
+            done = _sweep(self.graph, self.keep)  # nodes whose outputs became constants (and what only fed them)
+            folded += done
+            if not (done or shapes) or not self._shape_targets():
+                break
         folded += self._classify_leftovers()
         self.stats["folded_nodes"] += folded
         self.stats["fold_failures"] = len(self.failures)
@@ -387,21 +391,26 @@ class _Folder:
             g.nodes = [n for n in g.nodes if id(n) not in dead]
         return len(lowered)
 
-    def _fold_shapes(self) -> int:
-        """Shape/Size of tensors with a static shape -> int64 initializers."""
-        targets = [
+    def _shape_targets(self) -> list[gs.Node]:
+        return [
             node for g in _graphs(self.graph) for node in g.nodes
             if node.op in ("Shape", "Size") and node.domain in (None, "", "ai.onnx") and len(node.outputs) == 1
             and self._exclusion(node) is None
         ]
-        inferred: dict[str, tuple] | None = None
+
+    def _fold_shapes(self) -> int:
+        """Shape/Size of tensors with a static shape -> int64 initializers."""
+        targets = self._shape_targets()
+        def declared(t: gs.Tensor) -> tuple | None:
+            return tuple(t.shape) if t.shape is not None else None
+
+        # Inference runs on an export of the graph, so before any node is touched.
+        inferred = self._inferred_shapes() if any(not _static(declared(n.inputs[0])) for n in targets) else {}
         folded = 0
         for node in targets:
             x = node.inputs[0]
-            shape = tuple(x.shape) if x.shape is not None else None
+            shape = declared(x)
             if not _static(shape):
-                if inferred is None:
-                    inferred = self._inferred_shapes()
                 shape = inferred.get(x.name)
             if not _static(shape):
                 continue
@@ -537,6 +546,7 @@ class _Folder:
 
 
 _HIDDEN_CONSTANT = "Constant__kept_by_onnxopt_cleanup"
+_MAX_ROUNDS = 8  # shape folding <-> constant folding rounds (each round must fold something to go on)
 
 
 def _is_string(values: Any) -> bool:
@@ -578,15 +588,16 @@ def _raw_bytes(t: gs.Constant) -> bytes | None:
     return None
 
 
-def _merge_duplicates(graph: gs.Graph) -> int:
-    """Point every use of a duplicate initializer of the main graph at one copy. Returns the number merged."""
+def _merge_duplicates(graph: gs.Graph) -> set[int]:
+    """Point every use of a duplicate initializer of the main graph at one copy. Returns the ids of the copies
+    dropped (they are unused now, so no longer part of the graph)."""
     outputs = {id(t) for t in graph.outputs}
     groups: dict[tuple, list[gs.Constant]] = defaultdict(list)
     for t in graph.tensors().values():
         if isinstance(t, gs.Constant) and id(t) not in outputs and not isinstance(t._values, SparseValues):
             v = t._values
             groups[(v.dtype, t._export_dtype, tuple(v.shape))].append(t)
-    merged = 0
+    merged: set[int] = set()
     for members in groups.values():
         if len(members) < 2:
             continue
@@ -602,5 +613,5 @@ def _merge_duplicates(graph: gs.Graph) -> int:
                 bucket.append((data, t))
             else:
                 _replace_uses(t, canonical)
-                merged += 1
+                merged.add(id(t))
     return merged
