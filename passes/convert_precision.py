@@ -1,37 +1,6 @@
 """convert-precision: run the graph in float16 (or bfloat16), keeping fragile ops and the I/O in float32.
 
-TensorRT's strongly typed networks (and TensorRT 11, which drops the FP16 builder flag) take their precision from the
-graph's types, so FP16 deployment needs the graph itself in FP16. This pass converts weights and compute and places
-Cast nodes only where float32 and low-precision regions meet.
-
-How a node is assigned a precision:
-
-* A node runs in low precision when it computes on float32 tensors and none of the rules below keeps it in float32.
-  Which of its inputs and outputs change type comes from the op's ONNX schema: the float32 tensors bound to a type
-  variable (``T``) that also allows float16/bfloat16 are converted; fixed-type inputs stay float32 (Resize's
-  ``scales`` is ``tensor(float)``), and so do integer inputs (shapes, indices, Resize ``sizes``).
-* Kept in float32: ops in ``block_ops`` (numerically fragile ops; the user can replace the list), nodes whose name
-  matches ``block_nodes``, ops whose schema for this opset has no float16/bfloat16 variant, ops whose output type is set
-  by an attribute (ConstantOfShape, Random*, EyeLike; Cast is converted by changing ``to``), ops with subgraphs and
-  the producers of values their subgraphs read, custom-domain ops, nodes with inputs of unknown type, and the
-  quantized parts of QDQ models: Q/DQ nodes (scales stay float32), the ops a DequantizeLinear feeds and the ops feeding
-  a QuantizeLinear, looking through data-movement ops (Reshape, Transpose, MaxPool, ...).
-* Shape and Size take their input in whatever precision it has.
-
-Constants (initializers and Constant nodes) read in low precision get a converted copy (the float32 original stays for
-float32 readers, so no Cast is needed for them). With ``to=fp16``, values beyond the float16 range (|x| > 65504) and
-non-zero values that would flush to zero (|x| < 2^-24) are clamped to the nearest float16 value with a warning in the
-stats (``out_of_range=clamp``, the default), or the reading op is kept in float32 (``out_of_range=keep-fp32``).
-
-Default block list: Exp, Log, Pow, Softmax, LogSoftmax, the summing reductions (ReduceSum, ReduceSumSquare, ReduceL1,
-ReduceL2, ReduceLogSum, ReduceLogSumExp, ReduceProd, CumSum), the normalizations that compute statistics
-(LayerNormalization, GroupNormalization, InstanceNormalization, LpNormalization, MeanVarianceNormalization) and Range
-(its length is computed from float start/limit/delta). BatchNormalization is not blocked: at inference it is a
-per-channel scale and shift (fold it first with fold-bn; add it to ``block_ops`` to keep it in float32).
-
-ONNX Runtime's CPU provider runs float16 models (it computes ops without float16 kernels in float32), so results can be
-validated as usual. bfloat16 models generally do not run on ONNX Runtime's CPU provider: validate them on the target
-(or with --no-validate).
+The rules are in the docstring of :class:`ConvertPrecision` (shown by ``onnxopt passes convert-precision``).
 """
 
 from __future__ import annotations
@@ -95,7 +64,45 @@ class _Slots:
 class ConvertPrecision(Pass):
     """Convert compute and weights to float16/bfloat16; float32 I/O, Casts only at float32 boundaries.
 
-    Fragile ops (block_ops) and quantized parts stay in float32; see the module documentation for every rule.
+    TensorRT's strongly typed networks (and TensorRT 11, which drops the FP16 builder flag) take their precision from the
+    graph's types, so FP16 deployment needs the graph itself in FP16. This pass converts weights and compute and places
+    Cast nodes only where float32 and low-precision regions meet.
+
+    How a node is assigned a precision:
+
+    * A node runs in low precision when it computes on float32 tensors and none of the rules below keeps it in float32.
+      Which of its inputs and outputs change type comes from the op's ONNX schema: the float32 tensors bound to a type
+      variable (``T``) that also allows float16/bfloat16 are converted; fixed-type inputs stay float32 (Resize's
+      ``scales`` is ``tensor(float)``), and so do integer inputs (shapes, indices, Resize ``sizes``).
+    * Kept in float32: ops in ``block_ops`` (numerically fragile ops; the user can replace the list), nodes whose name
+      matches ``block_nodes``, ops whose schema for this opset has no float16/bfloat16 variant, ops whose output type is set
+      by an attribute (ConstantOfShape, Random*, EyeLike; Cast is converted by changing ``to``), ops with subgraphs and
+      the producers of values their subgraphs read, custom-domain ops, nodes with inputs of unknown type, and the
+      quantized parts of QDQ models: Q/DQ nodes (scales stay float32), the ops a DequantizeLinear feeds and the ops feeding
+      a QuantizeLinear, looking through data-movement ops (Reshape, Transpose, MaxPool, ...).
+    * Shape and Size take their input in whatever precision it has.
+
+    Constants (initializers and Constant nodes) read in low precision get a converted copy (the float32 original stays for
+    float32 readers, so no Cast is needed for them). With ``to=fp16``, values beyond the float16 range (|x| > 65504) and
+    non-zero values that would flush to zero (|x| < 2^-24) are clamped to the nearest float16 value with a warning in the
+    stats (``out_of_range=clamp``, the default), or the reading op is kept in float32 (``out_of_range=keep-fp32``).
+
+    Default block list: Exp, Log, Pow, Softmax, LogSoftmax, the summing reductions (ReduceSum, ReduceSumSquare, ReduceL1,
+    ReduceL2, ReduceLogSum, ReduceLogSumExp, ReduceProd, CumSum), the normalizations that compute statistics
+    (LayerNormalization, GroupNormalization, InstanceNormalization, LpNormalization, MeanVarianceNormalization) and Range
+    (its length is computed from float start/limit/delta). BatchNormalization is not blocked: at inference it is a
+    per-channel scale and shift (fold it first with fold-bn; add it to ``block_ops`` to keep it in float32).
+
+    ONNX Runtime's CPU provider runs float16 models (it computes ops without float16 kernels in float32), so results can be
+    validated as usual. bfloat16 models generally do not run on ONNX Runtime's CPU provider: validate them on the target
+    (or with --no-validate).
+
+    Stats: ``converted_nodes``, ``converted_constants`` (low-precision copies made), ``casts_inserted``,
+    ``io_converted`` (graph inputs/outputs retyped, keep_io_types=false), ``removed_constant_nodes`` (Constant nodes
+    no longer read after conversion), ``kept_fp32_<reason>`` per node kept in float32 (``block_ops``, ``block_nodes``,
+    ``qdq``, ``attr_typed``, ``subgraph``, ``custom_domain``, ``unknown_type``, ``no_fp16_type``/``no_bf16_type``,
+    ``out_of_range``), ``warn_clamped_constants``/``warn_clamped_values`` (constants and values clamped into the fp16
+    range), ``skipped_no_float32`` / ``skipped_nothing_to_convert`` when the graph is left unchanged, ``to``.
     """
 
     name = "convert-precision"

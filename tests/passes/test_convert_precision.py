@@ -120,6 +120,14 @@ def test_keep_io_types_false_converts_io_and_block_ops_can_be_emptied():
     assert rel_l2(ref, run(new, feeds)["y"].astype(np.float32)) < 1e-2
 
 
+def test_keep_io_types_false_with_a_blocked_op_at_the_output():
+    new, rec = convert(conv_softmax(), keep_io_types=False)
+    assert ops(new) == ["Conv", "Relu", "Cast", "Softmax", "Cast"]
+    t = elem_types(new)
+    assert t["x"] == F16 and t["y"] == F16 and t[new.graph.node[3].output[0]] == F32
+    assert check_casts_at_boundaries(new) == 2
+
+
 def test_block_nodes_by_name_pattern():
     new, rec = convert(conv_softmax(), block_nodes=("rel*",))
     assert ops(new) == ["Cast", "Conv", "Cast", "Relu", "Softmax"]
