@@ -366,6 +366,18 @@ class TensorRTRunner(Runner):
     def output_names(self) -> list[str]:
         return list(self.outputs)
 
+    def close(self) -> None:
+        """Free the device buffers (also done when the runner is garbage-collected)."""
+        for mem, _ in self._buffers.values():
+            self.cuda.free(mem)
+        self._buffers.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the CUDA context may already be gone
+            pass
+
     def _device(self, name: str, nbytes: int) -> Any:
         mem, size = self._buffers.get(name, (None, 0))
         if mem is None or size < nbytes:
