@@ -63,9 +63,8 @@ def mac(model: Path, input_shapes, top: int, by_op: bool, json_path: Path | None
       onnxopt mac model.onnx --input-shape input=1x3x720x1280 --json mac.json --plot mac.png
     """
     from onnxopt.analysis import analyze
-    from onnxopt.model import load
     from onnxopt.shapes import parse_input_shapes
-    from onnxopt.skeleton import Skeleton
+    from onnxopt.skeleton import Skeleton, read_structure
 
     _check_folder(json_path, "--json")
     _check_folder(plot_path, "--plot")
@@ -75,10 +74,11 @@ def mac(model: Path, input_shapes, top: int, by_op: bool, json_path: Path | None
         except ImportError:
             raise OnnxoptError("--plot needs matplotlib: pip install 'onnxopt[plot]'") from None
     shapes = parse_input_shapes(input_shapes)
-    # The checker runs on the weight-stripped skeleton (plus data-size checks of the stripped tensors): the same
-    # checks as on the full model without reading 100 MB through the checker a second time.
-    m = load(model, check=False)
-    skel = Skeleton(m)
+    # The analysis needs the graph and the dims of the weights, not their values: the file is read without the data
+    # of its large tensors (memory-mapped, skipped at the wire level). The ONNX checker runs on the skeleton, and the
+    # size of every skipped data field is checked against its tensor's dims, as the checker would.
+    m, payloads = read_structure(model)
+    skel = Skeleton(m, payloads)
     skel.check()
     whatif = _changes_static_dims(skel, shapes)
     if whatif:

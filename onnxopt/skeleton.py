@@ -18,6 +18,7 @@ two on the zoo models), in a few milliseconds instead of most of a second.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,7 +131,9 @@ class Skeleton:
         stripped: names of the tensors replaced by graph inputs.
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, payloads: dict[str, tuple[str, int]] | None = None) -> None:
+        """``payloads``: sizes of data already dropped by :func:`read_structure` (checked by :meth:`check`)."""
+        self._payloads = dict(payloads or {})
         src = model.graph
         skel = onnx.ModelProto()
         skel.ir_version = model.ir_version
@@ -214,17 +217,19 @@ class Skeleton:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelLoadError(f"ONNX checker failed: {first}") from e
         for name, t in self._originals.items():
-            n = math.prod(t.dims)
             if t.data_location == TensorProto.EXTERNAL:
-                continue  # sizes were checked when the external data was loaded
-            if t.HasField("raw_data") or not _typed_count(t):
-                want = nbytes(t.data_type, tuple(t.dims))
-                if want is not None and len(t.raw_data) != want:
-                    raise ModelLoadError(
-                        f"tensor {name!r}: {len(t.raw_data)} bytes of data for shape {list(t.dims)} (expected {want})"
-                    )
-            elif _typed_count(t) != n and t.data_type not in _SUB_BYTE_BITS:
-                raise ModelLoadError(f"tensor {name!r}: {_typed_count(t)} values for shape {list(t.dims)}")
+                continue  # sizes were checked when the external data was located
+            if name in self._payloads:
+                kind, size = self._payloads[name]
+            elif t.HasField("raw_data") or not _typed_count(t):
+                kind, size = "raw", len(t.raw_data)
+            else:
+                kind, size = "count", _typed_count(t)
+            want = nbytes(t.data_type, tuple(t.dims)) if kind == "raw" else math.prod(t.dims)
+            if kind == "raw" and want is not None and size != want:
+                raise ModelLoadError(f"tensor {name!r}: {size} bytes of data for shape {list(t.dims)} (expected {want})")
+            if kind == "count" and size != want and t.data_type not in _SUB_BYTE_BITS:
+                raise ModelLoadError(f"tensor {name!r}: {size} values for shape {list(t.dims)} (expected {want})")
 
     def infer(self, *, strict: bool = False) -> onnx.ModelProto:
         """ONNX shape inference (with data propagation) on the skeleton; returns the inferred skeleton."""
@@ -254,3 +259,182 @@ def value_types(model: onnx.ModelProto) -> dict[str, tuple[int, Shape | None]]:
     for t in g.initializer:
         out[t.name] = (t.data_type, tuple(t.dims))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading a model file without its weights
+
+#: TensorProto fields that hold the data: raw_data, float_data, int32_data, int64_data, double_data, uint64_data.
+_PAYLOAD_FIELDS = {9: "raw", 4: "f32", 5: "varint", 7: "varint", 10: "f64", 11: "varint"}
+
+
+class _Wire:
+    """A minimal reader of the protobuf wire format over a buffer (tags, varints, length-delimited fields)."""
+
+    def __init__(self, buf) -> None:
+        self.buf = buf
+
+    def varint(self, pos: int, end: int) -> tuple[int, int]:
+        result = shift = 0
+        buf = self.buf
+        while True:
+            if pos >= end:
+                raise ValueError("truncated varint")
+            b = buf[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return result, pos
+            shift += 7
+            if shift > 63:
+                raise ValueError("varint too long")
+
+    def fields(self, start: int, end: int):
+        """Yield ``(field, wire_type, field_start, value_start, value_end)`` of the message in ``buf[start:end]``."""
+        pos = start
+        while pos < end:
+            field_start = pos
+            tag, pos = self.varint(pos, end)
+            field, wt = tag >> 3, tag & 7
+            if wt == 0:
+                _, vend = self.varint(pos, end)
+                vstart = pos
+            elif wt == 2:
+                n, vstart = self.varint(pos, end)
+                vend = vstart + n
+            elif wt == 1:
+                vstart, vend = pos, pos + 8
+            elif wt == 5:
+                vstart, vend = pos, pos + 4
+            else:
+                raise ValueError(f"unsupported wire type {wt}")
+            if vend > end or field == 0:
+                raise ValueError("truncated or corrupt message")
+            yield field, wt, field_start, vstart, vend
+            pos = vend
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    return _encode_varint(field << 3 | 2) + _encode_varint(len(payload)) + payload
+
+
+def _tensor_without_payload(w: _Wire, start: int, end: int) -> tuple[bytes, str, tuple[str, int]] | None:
+    """The TensorProto in ``buf[start:end]`` without its data fields, its name and (payload kind, bytes), when
+    :class:`Skeleton` would strip it (see ``_strip``); None to keep the tensor as it is."""
+    dims: list[int] = []
+    data_type = 0
+    name = ""
+    payload: tuple[str, int] | None = None
+    kept: list[tuple[int, int]] = []
+    for field, wt, fstart, vstart, vend in w.fields(start, end):
+        if field in _PAYLOAD_FIELDS and wt == 2:  # packed (ONNX declares them packed) or raw bytes
+            kind, size = _PAYLOAD_FIELDS[field], vend - vstart
+            if kind == "f32":
+                size //= 4
+            elif kind == "f64":
+                size //= 8
+            elif kind == "varint":  # one final byte (< 0x80) per value
+                size = int(np.count_nonzero(np.frombuffer(w.buf, np.uint8, size, vstart) < 0x80))
+            payload = ("raw" if kind == "raw" else "count", size)
+            continue
+        kept.append((fstart, vend))
+        if field == 1:
+            if wt == 0:
+                dims.append(w.varint(vstart, vend)[0])
+            else:  # packed
+                pos = vstart
+                while pos < vend:
+                    d, pos = w.varint(pos, vend)
+                    dims.append(d)
+        elif field == 2 and wt == 0:
+            data_type = w.varint(vstart, vend)[0]
+        elif field == 8 and wt == 2:
+            name = bytes(w.buf[vstart:vend]).decode("utf-8", "replace")
+    if payload is None or not _strip(data_type, tuple(dims)):
+        return None
+    return b"".join(bytes(w.buf[a:b]) for a, b in kept), name, payload
+
+
+def read_structure(path) -> tuple[onnx.ModelProto, dict[str, tuple[str, int]]]:
+    """The model in ``path`` WITHOUT the data of its large initializers (those :class:`Skeleton` strips), and the size
+    of each dropped payload: ``name -> ("raw", bytes)`` or ``name -> ("count", values)`` (typed data fields).
+
+    The file is memory-mapped and walked at the wire level; the dropped payloads are never read or copied, so the
+    analysis of a 100 MB model starts in milliseconds. Raises :class:`ModelLoadError` for files that are not ONNX.
+    """
+    import mmap
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a folder, not an ONNX file")
+    try:
+        with open(p, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ModelLoadError(f"{p}: file is empty")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise ModelLoadError(f"{p}: cannot read: {e.strerror or e}") from e
+    payloads: dict[str, tuple[str, int]] = {}
+    try:
+        w = _Wire(buf)
+        out = bytearray()
+        for field, wt, fstart, vstart, vend in w.fields(0, len(buf)):
+            if field != 7 or wt != 2:  # everything but the graph, verbatim
+                out += buf[fstart:vend]
+                continue
+            graph = bytearray()
+            for gfield, gwt, gstart, gvstart, gvend in w.fields(vstart, vend):
+                stripped = _tensor_without_payload(w, gvstart, gvend) if gfield == 5 and gwt == 2 else None
+                if stripped is None:
+                    graph += buf[gstart:gvend]
+                else:
+                    tensor, name, payload = stripped
+                    payloads[name] = payload
+                    graph += _len_field(5, tensor)
+            out += _len_field(7, bytes(graph))
+        model = onnx.ModelProto()
+        model.ParseFromString(bytes(out))
+    except (ValueError, IndexError) as e:
+        reason = "truncated or corrupt ONNX protobuf" if buf[:1] == b"\x08" else "not an ONNX protobuf"
+        raise ModelLoadError(f"{p}: {reason} ({e})") from e
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and others on garbage
+        reason = "truncated or corrupt ONNX protobuf" if buf[:1] == b"\x08" else "not an ONNX protobuf"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"{p}: {reason} ({first})") from e
+    finally:
+        buf.close()
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise ModelLoadError(f"{p}: not an ONNX model (no IR version or no graph)")
+    from onnx import external_data_helper
+
+    from onnxopt.model import _check_external_locations, _iter_tensors, check_opset, has_external_data
+
+    check_opset(model)
+    if has_external_data(model):
+        _check_external_locations(model, p.parent)
+        # External tensors the skeleton keeps (small ones, integer ones: their values may define shapes) are loaded;
+        # the large ones stay where they are (the skeleton replaces them by typed inputs).
+        for t in _iter_tensors(model):
+            if t.data_location == TensorProto.EXTERNAL and not _strip(t.data_type, tuple(t.dims)):
+                try:
+                    external_data_helper.load_external_data_for_tensor(t, str(p.parent))
+                except Exception as e:  # noqa: BLE001
+                    raise ModelLoadError(f"{p}: cannot load external data of {t.name!r}: {e}") from e
+                t.data_location = TensorProto.DEFAULT
+                del t.external_data[:]
+    return model, payloads

@@ -452,3 +452,98 @@ def test_summarize_keeps_graph_summary_keys():
     assert {k: s[k] for k in base} == base
     assert s["params"] == 8 * 4 * 9 and s["macs"] == 8 * 8 * 8 * 9 * 4 and s["peak_activation_bytes"] == 6144
     assert math.isclose(s["weight_bytes"], 4 * 8 * 4 * 9)
+
+
+# -- reading a model file without its weights ---------------------------------------------------------------------
+
+def test_read_structure_matches_full_load(tmp_path):
+    from models.zoo import ZOO
+    from onnxopt.skeleton import read_structure
+
+    model = ZOO["resnet18"](batch=1, height=64, width=64, seed=0)
+    path = tmp_path / "r18.onnx"
+    onnx.save(model, path)
+    m, payloads = read_structure(path)
+    assert [n.SerializeToString() for n in m.graph.node] == [n.SerializeToString() for n in model.graph.node]
+    assert m.graph.input == model.graph.input and m.graph.output == model.graph.output
+    assert m.opset_import == model.opset_import and m.ir_version == model.ir_version
+    full = {t.name: t for t in model.graph.initializer}
+    assert [t.name for t in m.graph.initializer] == list(full)
+    for t in m.graph.initializer:
+        ref = full[t.name]
+        assert (list(t.dims), t.data_type) == (list(ref.dims), ref.data_type)
+        if t.name in payloads:  # data dropped, its size recorded
+            assert t.raw_data == b"" and payloads[t.name] == ("raw", len(ref.raw_data))
+        else:
+            assert t == ref
+    assert len(payloads) == sum(1 for t in model.graph.initializer if math.prod(t.dims) > 1024)
+    skel = Skeleton(m, payloads)
+    skel.check()
+    assert analyze(m, skeleton=skel).to_dict() == analyze(model).to_dict()
+
+
+def _typed_model(elem, n, claimed=None):
+    """y = x + c with a 1-D initializer c stored in a typed field (float_data / int32_data), not raw_data."""
+    values = np.arange(n) % 7
+    c = helper.make_tensor("c", elem, [claimed or n], values.astype(np.float32).tolist(), raw=False)
+    g = helper.make_graph([helper.make_node("Add", ["x", "c"], ["y"], name="add")], "g",
+                          [vi("x", [claimed or n], elem)], [vi("y", [claimed or n], elem)], [c])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("elem", [TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE])
+def test_read_structure_typed_data_fields(tmp_path, elem):
+    from onnxopt.errors import ModelLoadError
+    from onnxopt.skeleton import read_structure
+
+    path = tmp_path / "typed.onnx"
+    onnx.save(_typed_model(elem, 3000), path)
+    m, payloads = read_structure(path)
+    assert payloads == {"c": ("count", 3000)}
+    Skeleton(m, payloads).check()
+    assert analyze(m).params == 3000
+    bad = _typed_model(elem, 3000)
+    bad.graph.initializer[0].dims[0] = 3001  # claims one more value than it holds
+    onnx.save(bad, path)
+    m, payloads = read_structure(path)
+    with pytest.raises(ModelLoadError, match="'c': 3000 values for shape \\[3001\\]"):
+        Skeleton(m, payloads).check()
+
+
+def test_read_structure_bad_files(tmp_path):
+    from models.zoo import ZOO
+    from onnxopt.errors import ModelLoadError
+    from onnxopt.skeleton import read_structure
+
+    data = ZOO["mobilenetv2"](batch=1, height=32, width=32).SerializeToString()
+    cases = {
+        "truncated.onnx": (data[: len(data) // 2], "truncated or corrupt ONNX protobuf"),
+        "text.onnx": (b"hello, this is not a model\n" * 10, "not an ONNX protobuf"),
+        "empty.onnx": (b"", "file is empty"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ModelLoadError, match=message):
+            read_structure(tmp_path / name)
+    with pytest.raises(ModelLoadError, match="no such file"):
+        read_structure(tmp_path / "missing.onnx")
+
+
+def test_read_structure_external_data(tmp_path):
+    from models.zoo import ZOO
+    from onnxopt.errors import ModelLoadError
+    from onnxopt.skeleton import read_structure
+
+    model = ZOO["resnet18"](batch=1, height=64, width=64, seed=0)
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="ext.onnx.data", size_threshold=1024)
+    m, payloads = read_structure(path)
+    assert payloads == {}
+    skel = Skeleton(m, payloads)
+    skel.check()
+    assert analyze(m, skeleton=skel).to_dict() == analyze(model).to_dict()
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(ModelLoadError, match="external data file 'ext.onnx.data' not found"):
+        read_structure(path)

@@ -1,0 +1,118 @@
+"""Benchmark: MAC/parameter analysis of the zoo ResNet-50 (1x3x224x224, ~98 MiB), onnxopt vs onnx-tool.
+
+Same file, same run, interleaved repetitions (the order alternates), median times:
+
+* command line: ``python -m onnxopt.cli mac FILE`` vs ``python -m onnx_tool -i FILE`` (each prints its table; output
+  discarded). This is the number the issue's target is about: onnxopt's time must be <= 1x onnx-tool's.
+* library, in one process: onnxopt ``read_structure`` (the file without its weight data) + skeleton check +
+  ``analyze`` vs onnx-tool ``Model`` + ``shape_infer`` + ``profile``.
+
+Both tools' totals are printed: onnxopt reports Conv/Gemm MACs and PyTorch-convention parameters (4.09 G, 25.56 M);
+onnx-tool mixes element-wise FLOPs into its MACs and counts BatchNorm running statistics as parameters.
+
+    python bench/bench_mac.py [--repeats 9]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(a, b, repeats: int) -> tuple[float, float]:
+    """Median times of ``a`` and ``b`` run alternately (a b, b a, a b, ...), after one warm-up run of each."""
+    a()
+    b()
+    ta, tb = [], []
+    for i in range(repeats):
+        if i % 2:
+            tb.append(timed(b))
+            ta.append(timed(a))
+        else:
+            ta.append(timed(a))
+            tb.append(timed(b))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args()
+
+    from models.zoo import build_resnet50
+
+    work = Path(tempfile.mkdtemp(prefix="bench_mac_"))
+    src = work / "resnet50.onnx"
+    onnx.save_model(build_resnet50(batch=1, height=224, width=224, seed=0), str(src))
+    print(f"model: zoo ResNet-50 1x3x224x224, {src.stat().st_size / 2**20:.1f} MiB")
+
+    # -- command line ---------------------------------------------------------------------------------------------
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ours_cmd = [sys.executable, "-m", "onnxopt.cli", "mac", str(src)]
+    peer_cmd = [sys.executable, "-m", "onnx_tool", "-i", str(src)]
+
+    def run(cmd):
+        return lambda: subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=True)
+
+    cli_ours, cli_peer = interleaved(run(ours_cmd), run(peer_cmd), args.repeats)
+
+    # -- library ----------------------------------------------------------------------------------------------------
+    import onnx_tool
+
+    from onnxopt.analysis import analyze
+    from onnxopt.skeleton import Skeleton, read_structure
+
+    result: dict[str, object] = {}
+
+    def ours():  # what `onnxopt mac` does before printing
+        m, payloads = read_structure(src)
+        skel = Skeleton(m, payloads)
+        skel.check()
+        result["ours"] = analyze(m, skeleton=skel)
+
+    def peer():
+        with contextlib.redirect_stdout(io.StringIO()):
+            model = onnx_tool.Model(str(src))
+            g = model.graph
+            g.graph_reorder_nodes()
+            g.shape_infer(None)
+            g.profile()
+        result["peer"] = (int(round(g.macs[0])), int(g.params))
+
+    lib_ours, lib_peer = interleaved(ours, peer, args.repeats)
+
+    a = result["ours"]
+    peer_macs, peer_params = result["peer"]
+    print(f"onnxopt  : MACs {a.macs:,}  params {a.params:,} (+ {a.buffers:,} BN running-stat buffers)  "
+          f"FLOPs (non-MAC) {a.flops:,}")
+    print(f"onnx-tool: MACs {peer_macs:,}  params {peer_params:,}")
+    print(f"command line (median of {args.repeats}): onnxopt mac {cli_ours:.3f} s, onnx-tool {cli_peer:.3f} s, "
+          f"ratio {cli_ours / cli_peer:.2f}x")
+    print(f"library      (median of {args.repeats}): onnxopt {lib_ours:.3f} s, onnx-tool {lib_peer:.3f} s, "
+          f"ratio {lib_ours / lib_peer:.2f}x")
+    ok = cli_ours <= cli_peer
+    print(("PASS" if ok else "FAIL") + ": onnxopt mac <= 1x onnx-tool on the command line")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
