@@ -334,7 +334,7 @@ class CollectPlan:
 _FLOATS = {TensorProto.FLOAT, TensorProto.DOUBLE}
 
 
-def _tensor_info(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
+def tensor_info(model: onnx.ModelProto) -> dict[str, tuple[int, tuple]]:
     """elem type and shape of every value known after shape inference."""
     from onnxopt.shapes import infer_shapes
 
@@ -452,7 +452,7 @@ def augment(model: onnx.ModelProto, tensors: list[str], info: dict[str, tuple[in
 def plan(model: onnx.ModelProto, tensors: list[str], *, batch: int, subsample: int = DEFAULT_SUBSAMPLE,
          memory_mb: float = DEFAULT_MEMORY_MB, info: dict | None = None) -> CollectPlan:
     """Split ``tensors`` into groups whose outputs per batch fit in ``memory_mb``."""
-    info = info if info is not None else _tensor_info(model)
+    info = info if info is not None else tensor_info(model)
     known: dict[str, int | None] = {}
     for t in tensors:
         elem, shape = info.get(t, (TensorProto.FLOAT, None))
@@ -482,11 +482,13 @@ def collect(
     progress: bool = False,
     batch_size: int | None = None,
     on_plan: Callable[[CollectPlan], None] | None = None,
+    info: dict[str, tuple[int, tuple]] | None = None,
 ) -> dict[str, RangeCollector]:
     """Run ``model`` over the calibration ``source`` and collect the statistics of ``tensors``.
 
     ``source`` is a calibration source (see :mod:`onnxopt.calibration`); ``batch_size`` overrides its batching for
-    inputs with a dynamic batch dim. Returns one :class:`RangeCollector` per tensor.
+    inputs with a dynamic batch dim. ``info`` (``tensor_info`` of the model, or of its weight-stripped skeleton, which
+    is much faster to infer) gives element types and shapes. Returns one :class:`RangeCollector` per tensor.
     """
     from onnxopt.validate import session
 
@@ -495,7 +497,7 @@ def collect(
         return collectors
     n_samples = len(source)
     bs = getattr(source, "_static_batch", None) or batch_size or getattr(source, "batch_size", 1)
-    info = _tensor_info(model)
+    info = info if info is not None else tensor_info(model)
     the_plan = plan(model, tensors, batch=bs, subsample=subsample, memory_mb=memory_mb, info=info)
     if on_plan:
         on_plan(the_plan)

@@ -134,7 +134,7 @@ class Quantize(Pass):
             return PassResult(False, stats)
         everything = qz.find_sites(graph, target=o.target, apply_exclusions=False)
         float_model = ctx.to_model(graph)
-        collectors, cal_stats = self._calibrate(float_model, everything.activation_tensors(graph), ctx)
+        collectors, cal_stats = self._calibrate(graph, float_model, everything.activation_tensors(graph), ctx)
         stats.update(cal_stats)
 
         quantized = placement.activation_tensors(graph)
@@ -196,9 +196,10 @@ class Quantize(Pass):
         return PassResult(bool(inserted.nodes), stats)
 
     # -- calibration ----------------------------------------------------------------------------------------------
-    def _calibrate(self, float_model, tensors: list[str], ctx: PassContext):
+    def _calibrate(self, graph: gs.Graph, float_model, tensors: list[str], ctx: PassContext):
         from onnxopt import quantization as qz
-        from onnxopt.collectors import collect
+        from onnxopt.collectors import collect, tensor_info
+        from onnxopt.model import graph_skeleton
 
         o = self.options
         source = ctx.calibration
@@ -216,7 +217,8 @@ class Quantize(Pass):
             plans = []
             collectors.update(collect(float_model, missing, source, subsample=o.subsample,
                                       memory_mb=o.calib_memory_mb, batch_size=o.calib_batch,
-                                      progress=ctx.progress, on_plan=plans.append))
+                                      progress=ctx.progress, on_plan=plans.append,
+                                      info=tensor_info(graph_skeleton(graph, ctx.template))))
             stats["calib_passes"] = len(plans[0].groups) if plans else 1
             if o.calib_cache:
                 qz.save_cache(o.calib_cache, mhash, data, collectors,
