@@ -219,7 +219,7 @@ def run(model: Path, output: Path | None, pass_specs, config, in_place, force, n
     record = result.record
     if ctx.calibration is not None and getattr(ctx.calibration, "is_random", False):
         record.notes.append("calibrated on RANDOM data (--calib-random): ranges do not reflect real inputs")
-    if not result.validated:
+    if no_validate:
         record.notes.append("not validated (--no-validate)")
     if not quiet:
         print_record(record, err_console)

@@ -119,7 +119,12 @@ def optimize(
     manager = PassManager(passes, verifier=verifier, summarize=_summarizer(), on_pass=on_pass)
     graph, record = manager.run_graph(model, ctx)
     result = OptimizeResult(model, graph, ctx.template, record, validated=reference is not None, ok=True)
-    if validate and reference is not None:
+    if validate and reference is not None and graph is not None and not _inputs_accept(graph, feeds):
+        # e.g. set-input-shape changed the resolution: the original's outputs cannot be compared with the new ones
+        result.validated = False
+        record.notes.append("not validated: the pipeline changed the input shapes, so the outputs cannot be compared "
+                            "with the original's")
+    elif validate and reference is not None:
         tol = tolerances if tolerances is not None else Tolerances.for_kind(record.kind)
         new_session = session(result.serialized() if result.changed and tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD
                               else result.model)
@@ -136,6 +141,19 @@ def optimize(
         if extra:
             record.validation["extra"] = extra
     return result
+
+
+def _inputs_accept(graph, feeds: dict[str, np.ndarray]) -> bool:
+    """Whether the rewritten graph's inputs take the validation feeds (same names, ranks and fixed dims)."""
+    inputs = {t.name: t for t in graph.inputs}
+    if set(inputs) != set(feeds):
+        return False
+    for name, t in inputs.items():
+        shape = feeds[name].shape
+        if t.shape is not None and (len(t.shape) != len(shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(t.shape, shape))):
+            return False
+    return True
 
 
 __all__ = ["optimize", "OptimizeResult", "ValidationError"]
