@@ -249,3 +249,14 @@ def test_cli_and_toml_syntax(tmp_path):
 def test_bad_options(shapes, match):
     with pytest.raises(OptionsError, match=match):
         apply(tiny(8, 8), shapes)
+
+
+def test_optimize_reports_not_validated_when_inputs_change():
+    from onnxopt.optimize import optimize
+
+    result = optimize(tiny(8, 8), [SetInputShape(shapes={"x": "1x4x12x10"})], ctx=PassContext())
+    assert result.validated is False and result.ok and result.record.validation is None
+    assert any("changed the input shapes" in n for n in result.record.notes)
+    # fixing nothing that the feeds depend on keeps validation on
+    same = optimize(dynamic_model(), [SetInputShape(shapes={"x": "1x3x8x8"})], ctx=PassContext())
+    assert same.validated and same.ok and same.record.validation["ok"]
