@@ -337,7 +337,7 @@ class _Folder:
             return "nondeterministic"
         if node.op in QDQ_OPS:
             return "qdq"
-        if node.op in NON_TENSOR_OPS or any(True for _ in _subgraphs(node)):
+        if node.op in NON_TENSOR_OPS or _subgraphs(node):
             return "control_flow_or_sequence"
         if any(t.name in self.output_names for t in node.outputs):
             return "graph_output"
@@ -401,6 +401,7 @@ class _Folder:
     def _fold_shapes(self) -> int:
         """Shape/Size of tensors with a static shape -> int64 initializers."""
         targets = self._shape_targets()
+
         def declared(t: gs.Tensor) -> tuple | None:
             return tuple(t.shape) if t.shape is not None else None
 
@@ -571,21 +572,34 @@ def _first_line(e: BaseException) -> str:
 
 
 # -- 5. duplicate initializers ---------------------------------------------------------------------------------------
-def _raw_bytes(t: gs.Constant) -> bytes | None:
-    """The tensor's bytes without loading it into a numpy array when it is still a lazily imported proto."""
+def _byte_view(t: gs.Constant) -> np.ndarray | None:
+    """The tensor's bytes as a uint8 array: no copy for numpy values; a lazily imported proto's raw bytes are read
+    without converting the tensor. None when the bytes are not at hand (external data, strings, sparse)."""
     v = t._values
     if isinstance(v, LazyValues):
         proto = v.tensor
         if not isinstance(proto, onnx.TensorProto) or proto.data_location == onnx.TensorProto.EXTERNAL:
             return None
         if proto.HasField("raw_data"):
-            return proto.raw_data
+            return np.frombuffer(proto.raw_data, dtype=np.uint8)
         if proto.data_type == onnx.TensorProto.STRING:
             return None
-        return onnx.numpy_helper.to_array(proto).tobytes()
-    if isinstance(v, np.ndarray) and v.dtype.kind != "O":
-        return np.ascontiguousarray(v).tobytes()
+        v = onnx.numpy_helper.to_array(proto)
+    if isinstance(v, np.ndarray) and v.dtype.kind not in "OSU":
+        return np.ascontiguousarray(v).reshape(-1).view(np.uint8)
     return None
+
+
+def _dtype_key(dtype: Any) -> str:
+    """One key per element type, whether graphsurgeon gives a numpy type, a numpy dtype or an ONNX enum."""
+    if dtype is None:
+        return ""
+    if isinstance(dtype, int):
+        return f"onnx:{dtype}"
+    try:
+        return np.dtype(dtype).str
+    except TypeError:
+        return repr(dtype)
 
 
 def _merge_duplicates(graph: gs.Graph) -> set[int]:
@@ -596,19 +610,19 @@ def _merge_duplicates(graph: gs.Graph) -> set[int]:
     for t in graph.tensors().values():
         if isinstance(t, gs.Constant) and id(t) not in outputs and not isinstance(t._values, SparseValues):
             v = t._values
-            groups[(v.dtype, t._export_dtype, tuple(v.shape))].append(t)
+            groups[(_dtype_key(v.dtype), _dtype_key(t._export_dtype), tuple(v.shape))].append(t)
     merged: set[int] = set()
     for members in groups.values():
         if len(members) < 2:
             continue
         # Bucket by a short sample of the bytes (random weights differ there), compare whole bytes in a bucket only.
-        buckets: dict[bytes, list[tuple[bytes, gs.Constant]]] = defaultdict(list)
+        buckets: dict[bytes, list[tuple[np.ndarray, gs.Constant]]] = defaultdict(list)
         for t in members:
-            data = _raw_bytes(t)
+            data = _byte_view(t)
             if data is None:
                 continue
-            bucket = buckets[data[:64] + data[-64:]]
-            canonical = next((c for d, c in bucket if d == data), None)
+            bucket = buckets[data[:64].tobytes() + data[-64:].tobytes()]
+            canonical = next((c for d, c in bucket if np.array_equal(d, data)), None)
             if canonical is None:
                 bucket.append((data, t))
             else:
