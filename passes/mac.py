@@ -11,7 +11,7 @@ from onnxopt.pass_base import Pass, PassContext, PassResult, option
 
 @dataclass(frozen=True)
 class MacOptions:
-    top: int = option(10, help="How many of the largest layers (by MACs) to name in the stats.")
+    top: int = option(3, help="How many of the largest layers (by MACs) to name in the stats.")
 
 
 class Mac(Pass):

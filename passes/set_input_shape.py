@@ -29,8 +29,8 @@ class SetInputShape(Pass):
     ``sizes`` (the ratio is kept), Slice ends equal to the old size, Expand targets; anything ambiguous (a Reshape that
     splits a changed dim, a fixed crop, a fixed-size Split or Resize ratio that is not an integer, a shape inference
     failure such as a fixed-length positional embedding) is refused with the node's name. Details:
-    ``onnxopt.resolution``. Validation against the original model needs inputs of the original shape, so run it with
-    ``--no-validate`` when the shapes change.
+    ``onnxopt.resolution``. When the shapes change, ``onnxopt run`` cannot compare the outputs with the original's and
+    reports the run as not validated.
     """
 
     name = "set-input-shape"

@@ -547,3 +547,22 @@ def test_read_structure_external_data(tmp_path):
     (tmp_path / "ext.onnx.data").unlink()
     with pytest.raises(ModelLoadError, match="external data file 'ext.onnx.data' not found"):
         read_structure(path)
+
+
+def test_control_flow_is_unknown_and_its_captures_stay_live():
+    then_g = helper.make_graph([helper.make_node("Concat", ["a", "a"], ["t"], name="then_cat", axis=1)], "then", [],
+                               [vi("t", [1, 512])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["a"], ["n"], name="else_neg"),
+                                helper.make_node("Concat", ["a", "n"], ["e"], name="else_cat", axis=1)], "else", [],
+                               [vi("e", [1, 512])])
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="relu"),
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_g, else_branch=else_g),
+    ]
+    m = make_model(nodes, [vi("x", [1, 256]), vi("cond", [], TensorProto.BOOL)], [vi("y", [1, 512])])
+    a = analyze(m)
+    assert a.by_name["branch"].macs is None and "control flow (If)" in a.by_name["branch"].note
+    # 'a' (1 KiB) is read inside the If's subgraphs, so it is live at the If's step with cond (1 B) and y (2 KiB);
+    # step 0 holds x, a and cond (2 KiB + 1 B)
+    assert a.peak.step == 1 and a.peak.bytes == 1024 + 1 + 2048
+    assert a.peak.live == [("y", 2048), ("a", 1024), ("cond", 1)]
