@@ -149,34 +149,25 @@ def unary_function(node: gs.Node) -> Callable[[np.ndarray], np.ndarray] | None:
 # ================================================================================================ union-find
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-
-    def add(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
-        return np.arange(start, start + n, dtype=np.int64)
-
-    def find(self, a: int) -> int:
-        p = self.parent
-        root = a
-        while p[root] != root:
-            root = p[root]
-        while p[a] != root:
-            p[a], a = root, p[a]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            if ra < rb:
-                self.parent[rb] = ra
-            else:
-                self.parent[ra] = rb
-
-    def roots(self) -> np.ndarray:
-        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of ``n`` nodes with edges ``a[i] - b[i]``: each node's label is the smallest node id of
+    its component (min-label propagation with pointer jumping; a few numpy passes, no Python loop over nodes)."""
+    labels = np.arange(n, dtype=np.int64)
+    if n == 0 or len(a) == 0:
+        return labels
+    while True:
+        m = np.minimum(labels[a], labels[b])
+        new = labels.copy()
+        np.minimum.at(new, a, m)
+        np.minimum.at(new, b, m)
+        while True:
+            nxt = new[new]
+            if np.array_equal(nxt, new):
+                break
+            new = nxt
+        if np.array_equal(new, labels):
+            return labels
+        labels = new
 
 
 # ================================================================================================ analysis data
@@ -249,7 +240,8 @@ class ChannelGraph:
     def __init__(self, graph: gs.Graph, shapes: dict[str, tuple]) -> None:
         self.graph = graph
         self.shapes = shapes
-        self.uf = _UnionFind()
+        self._n_elems = 0
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] = []  # unified elements (same channel everywhere)
         self.layouts: dict[str, Layout] = {}
         self.fixed: dict[int, Reason] = {}
         self.owner: list[str] = []  # owner label per element (root node name or pseudo-root)
@@ -294,7 +286,8 @@ class ChannelGraph:
         return self.layouts.get(t.name)
 
     def new_elems(self, n: int, owner: str) -> np.ndarray:
-        e = self.uf.add(n)
+        e = np.arange(self._n_elems, self._n_elems + n, dtype=np.int64)
+        self._n_elems += n
         self.owner.extend([owner] * n)
         return e
 
@@ -304,8 +297,7 @@ class ChannelGraph:
                 self.fixed[e] = Reason(key, detail)
 
     def unify(self, a: np.ndarray, b: np.ndarray) -> None:
-        for x, y in zip(a.tolist(), b.tolist()):
-            self.uf.union(x, y)
+        self._pairs.append((np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)))
 
     def set(self, t: gs.Tensor, layout: Layout | None) -> None:
         if layout is not None and t is not None and t.name:
@@ -1109,23 +1101,31 @@ class ChannelGraph:
 
     # -- groups -----------------------------------------------------------------------------------------------------
     def _finish(self) -> None:
-        n = len(self.uf.parent)
-        self.class_of = self.uf.roots() if n else np.zeros(0, dtype=np.int64)
-        # union the classes of one root into one group
-        guf = _UnionFind()
-        guf.add(n)
+        n = self._n_elems
+        pa = np.concatenate([p[0] for p in self._pairs]) if self._pairs else np.zeros(0, dtype=np.int64)
+        pb = np.concatenate([p[1] for p in self._pairs]) if self._pairs else np.zeros(0, dtype=np.int64)
+        self.class_of = _components(n, pa, pb)  # class id = smallest element id of the class
+        # a group: the classes tied together by the elements of one root (one owner)
+        owner_ids: dict[str, int] = {}
+        first_elem: list[int] = []
+        owner_of = np.empty(n, dtype=np.int64)
+        for e, owner in enumerate(self.owner):
+            oid = owner_ids.get(owner)
+            if oid is None:
+                oid = owner_ids[owner] = len(first_elem)
+                first_elem.append(e)
+            owner_of[e] = oid
+        firsts = np.array(first_elem, dtype=np.int64)[owner_of] if n else np.zeros(0, dtype=np.int64)
+        group_label = _components(n, np.concatenate([pa, np.arange(n)]), np.concatenate([pb, firsts]))
         cls_list = self.class_of.tolist()
-        first_of_owner: dict[str, int] = {}
-        for owner, c in zip(self.owner, cls_list):
-            f = first_of_owner.setdefault(owner, c)
-            if f != c:
-                guf.union(f, c)
+        glabel = group_label.tolist()
         group_of_class: dict[int, int] = {}
         members: dict[int, list[int]] = defaultdict(list)
-        for c in cls_list:
+        for c, gl in zip(cls_list, glabel):
             if c not in group_of_class:
-                group_of_class[c] = r = guf.find(c)
-                members[r].append(c)
+                group_of_class[c] = gl
+                members[gl].append(c)
+        first_of_owner = {owner: cls_list[first_elem[oid]] for owner, oid in owner_ids.items()}
         root_layer_names = {ly.node.name for ly in self.layers if ly.root}
         layers_of: dict[int, list[str]] = defaultdict(list)
         for owner, c in first_of_owner.items():
@@ -1135,7 +1135,7 @@ class ChannelGraph:
         self.group_of_class = {}
         for g_root, classes in members.items():
             layer_names = layers_of.get(g_root, [])
-            name = layer_names[0] if layer_names else self.owner[cls_list.index(classes[0])]
+            name = layer_names[0] if layer_names else self.owner[classes[0]]  # a class id is an element id
             g = Group(len(self.groups), name, np.array(classes, dtype=np.int64), layer_names, {})
             for c in classes:
                 self.group_of_class[c] = g.gid
@@ -1226,13 +1226,13 @@ def class_importance(cg: ChannelGraph, criterion: str, seed: int = 0) -> tuple[n
         wp = np.abs(w) if power == 1 else np.square(w)
         out_classes = cg.classes_of(ly.out_name) if ly.out_name else None
         if ly.depthwise:
-            per = wp.reshape(wp.shape[0], -1).sum(axis=1, dtype=np.float64)
+            per = wp.reshape(wp.shape[0], -1).sum(axis=1).astype(np.float64)
             add(out_classes if ly.kind == "conv" else cg.classes_of(ly.in_name) if ly.in_name else None, per,
                 weight_imp)
             continue
         if ly.root and out_classes is not None:
             axes = tuple(i for i in range(w.ndim) if i != ly.w_out_axis)
-            per = wp.sum(axis=axes, dtype=np.float64)
+            per = wp.sum(axis=axes).astype(np.float64)
             if ly.bn is not None:
                 g, _, _, var = (np.asarray(const_value(t), dtype=np.float64) for t in ly.bn.inputs[1:5])
                 scale = np.abs(g) / np.sqrt(var + float(_attr(ly.bn, "epsilon", 1e-5)))
@@ -1245,11 +1245,11 @@ def class_importance(cg: ChannelGraph, criterion: str, seed: int = 0) -> tuple[n
                 out_per_group = w.shape[0] // ly.groups
                 per = np.concatenate([
                     wp[gi * out_per_group:(gi + 1) * out_per_group].sum(
-                        axis=tuple(i for i in range(w.ndim) if i != 1), dtype=np.float64)
+                        axis=tuple(i for i in range(w.ndim) if i != 1)).astype(np.float64)
                     for gi in range(ly.groups)
                 ])
             else:
-                per = wp.sum(axis=axes, dtype=np.float64)
+                per = wp.sum(axis=axes).astype(np.float64)
             add(in_classes, per, weight_imp)
     if criterion in ("l1", "l2"):
         return weight_imp, stats
@@ -1887,12 +1887,13 @@ def equalize_blocks(cg: ChannelGraph, removable: np.ndarray) -> tuple[np.ndarray
 # ================================================================================================ shapes
 
 
-def graph_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> dict[str, tuple]:
-    """Inferred shapes of every value of ``graph`` (weights stubbed for speed; the graph is not changed)."""
+def graph_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None,
+                 skeleton: onnx.ModelProto | None = None) -> dict[str, tuple]:
+    """Inferred shapes of every value of ``graph`` (on its weight-stubbed ``skeleton``; the graph is not changed)."""
     from onnxopt.model import graph_skeleton
     from onnxopt.shapes import infer_shapes, value_shapes
 
-    skel = graph_skeleton(graph, template)
+    skel = skeleton if skeleton is not None else graph_skeleton(graph, template)
     try:
         inferred = infer_shapes(skel, strict=False)
     except Exception as e:  # noqa: BLE001 - onnx raises several types
@@ -1904,8 +1905,9 @@ def graph_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> di
     return shapes
 
 
-def reinfer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> None:
-    """Clear every intermediate value's shape and set it again from shape inference (graph inputs/outputs kept)."""
+def reinfer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Clear every intermediate value's shape and set it again from shape inference (graph inputs/outputs kept).
+    Returns the weight-stubbed skeleton it inferred (for MAC analysis of the result)."""
     from onnxopt.model import graph_skeleton
     from onnxopt.shapes import infer_shapes
 
@@ -1913,7 +1915,8 @@ def reinfer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
     for name, t in graph.tensors().items():
         if isinstance(t, gs.Variable) and name not in io:
             t.shape = None
-    inferred = infer_shapes(graph_skeleton(graph, template), strict=False)
+    skeleton = graph_skeleton(graph, template)
+    inferred = infer_shapes(skeleton, strict=False)
     known = {}
     for vi in inferred.graph.value_info:
         tt = vi.type.tensor_type
@@ -1927,29 +1930,26 @@ def reinfer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
             t.shape = known[name][0]
             if known[name][1] is not None:
                 t.dtype = known[name][1]
+    return skeleton
 
 
 # ================================================================================================ MACs
 
 
-def original_layer_macs(cg: ChannelGraph, skeleton: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
-                        ) -> None:
+def original_layer_macs(cg: ChannelGraph, analysis: Any) -> None:
     """Fill ``Layer.macs`` from the MAC analysis (:func:`onnxopt.analysis.analyze`) of the unpruned graph."""
-    from onnxopt.analysis import analyze
-
-    a = analyze(skeleton, input_shapes)
     for ly in cg.layers:
-        st = a.by_name.get(ly.node.name)
+        st = analysis.by_name.get(ly.node.name)
         ly.macs = int(st.macs or 0) if st is not None else 0
 
 
-def prune_report(before: onnx.ModelProto, after: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]
-                 ) -> dict[str, int]:
-    """MACs and parameters (MAC analysis conventions) of the skeletons before and after pruning."""
+def prune_report(before: Any, after: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """MACs and parameters (MAC analysis conventions) before (an Analysis) and after (a skeleton) pruning."""
     from onnxopt.analysis import analyze
 
-    a, b = analyze(before, input_shapes), analyze(after, input_shapes)
-    return {"macs_before": a.macs, "macs_after": b.macs, "params_before": a.params, "params_after": b.params}
+    b = analyze(after, input_shapes)
+    return {"macs_before": before.macs, "macs_after": b.macs, "params_before": before.params,
+            "params_after": b.params}
 
 
 def remove_dangling_constants(graph: gs.Graph) -> None:
@@ -1976,8 +1976,15 @@ def predicted_macs(cg: ChannelGraph, keep_class: np.ndarray) -> int:
     """Conv/Gemm MACs after pruning: each layer's original MACs scaled by its kept output and input fractions."""
     total = 0.0
     for ly in cg.layers:
-        out_f, in_f = layer_fractions(cg, keep_class, ly)
-        total += ly.macs * out_f * in_f
+        if not ly.macs:
+            continue
+        out_cls, in_cls = cg.layer_classes(ly)
+        f = 1.0
+        if out_cls is not None and len(out_cls):
+            f *= np.count_nonzero(keep_class[out_cls]) / len(out_cls)
+        if in_cls is not None and len(in_cls):
+            f *= np.count_nonzero(keep_class[in_cls]) / len(in_cls)
+        total += ly.macs * f
     return int(round(total))
 
 
@@ -2077,7 +2084,7 @@ def _select_target(cg: ChannelGraph, imp: np.ndarray, keep: np.ndarray, groups: 
     apply(lo)
     if predicted_macs(cg, keep) <= goal:
         return
-    for _ in range(60):
+    for _ in range(40):
         mid = 0.5 * (lo + hi)
         apply(mid)
         if predicted_macs(cg, keep) > goal:

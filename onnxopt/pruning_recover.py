@@ -24,6 +24,12 @@ from onnxopt.graphutil import const_value, unique_name
 from onnxopt.pruning import ChannelGraph, Layer, _attr
 
 
+#: Samples per ONNX Runtime call when reading activations (the source's static batch dim wins).
+BATCH = 32
+#: Output positions per calibration sample used in a conv layer's least-squares problem.
+ROWS_PER_SAMPLE = 64
+
+
 def calibration_batches(source: Any, limit: int) -> Iterator[dict[str, np.ndarray]]:
     """Feed dicts from a calibration source (any re-iterable of feed dicts), at most ``limit`` samples in total.
 
@@ -31,7 +37,9 @@ def calibration_batches(source: Any, limit: int) -> Iterator[dict[str, np.ndarra
     except the first one, which is cut to ``limit`` samples.
     """
     seen = 0
-    for feeds in source:
+    # a calibration source (onnxopt.calibration) re-batches on request: whole batches keep ONNX Runtime busy
+    stream = source.batches(BATCH) if hasattr(source, "batches") else iter(source)
+    for feeds in stream:
         n = len(next(iter(feeds.values())))
         if seen + n > limit:
             if seen == 0:
@@ -74,15 +82,16 @@ def _conv_geometry(node: gs.Node, w: np.ndarray, in_hw: tuple[int, int]) -> tupl
     return (kh, kw), strides, dil, pads
 
 
-def im2col(x: np.ndarray, kernel, strides, dil, pads) -> np.ndarray:
-    """``x[N, C, H, W]`` -> rows ``[N*OH*OW, C*KH*KW]`` in the order of ``W.reshape(O, -1)``."""
+def patches(x: np.ndarray, kernel, strides, dil, pads, n_idx, oh_idx, ow_idx) -> np.ndarray:
+    """The input patches of output positions ``(n, oh, ow)``: rows ``[k, C*KH*KW]`` in the order of
+    ``W.reshape(O, -1)``."""
     kh, kw = kernel
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     eh, ew = (kh - 1) * dil[0] + 1, (kw - 1) * dil[1] + 1
     win = np.lib.stride_tricks.sliding_window_view(xp, (eh, ew), axis=(2, 3))
-    win = win[:, :, :: strides[0], :: strides[1], :: dil[0], :: dil[1]]
-    n, c, oh, ow = win.shape[:4]
-    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
+    win = win[:, :, :: strides[0], :: strides[1], :: dil[0], :: dil[1]]  # [N, C, OH, OW, KH, KW]
+    rows = win[n_idx, :, oh_idx, ow_idx]  # [k, C, KH, KW]
+    return rows.reshape(len(n_idx), -1)
 
 
 class _Normal:
@@ -142,19 +151,27 @@ class _Refit:
             wg = np.vstack([wg, b[None, :]])
         return wg.astype(np.float64)
 
-    def accumulate(self, x: np.ndarray, y: np.ndarray) -> None:
+    def accumulate(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> None:
         ly = self.ly
         y = np.compress(self.out_keep, y, axis=1 if ly.kind != "matmul" else y.ndim - 1)
         if ly.kind == "conv":
             if self.geometry is None:
                 self.geometry = _conv_geometry(self.node, self.w, x.shape[2:])
             kernel, strides, dil, pads = self.geometry
+            n, _, oh, ow = y.shape
+            # at most ROWS_PER_SAMPLE output positions per sample (uniform, seeded): the normal equations of a few
+            # thousand positions per layer pin the weights down; all positions would cost far more for little gain
+            total = n * oh * ow
+            take = min(total, ROWS_PER_SAMPLE * n)
+            flat = np.sort(rng.choice(total, take, replace=False)) if take < total else np.arange(total)
+            n_idx, rest = np.divmod(flat, oh * ow)
+            oh_idx, ow_idx = np.divmod(rest, ow)
+            yr = y[n_idx, :, oh_idx, ow_idx]  # [k, O]
             g = self.groups
             cg = x.shape[1] // g
             og = y.shape[1] // g
-            yr = y.transpose(0, 2, 3, 1).reshape(-1, y.shape[1])
             for gi in range(g):
-                cols = im2col(x[:, gi * cg:(gi + 1) * cg], kernel, strides, dil, pads)
+                cols = patches(x[:, gi * cg:(gi + 1) * cg], kernel, strides, dil, pads, n_idx, oh_idx, ow_idx)
                 if self.fit_bias:
                     cols = np.hstack([cols, np.ones((len(cols), 1), dtype=cols.dtype)])
                 if len(self.normals) <= gi:
@@ -236,6 +253,7 @@ def lstsq_refit(
         return notes
     orig_sess = session(with_outputs(original, [ly.out_name for ly in todo]), optimize=True)
     taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
+    rng = np.random.default_rng(getattr(ctx, "seed", 0))
     for wave in _waves(graph, todo):
         refits: list[_Refit] = []
         for ly in wave:
@@ -252,7 +270,7 @@ def lstsq_refit(
             ys = orig_sess.run(ys_names, feeds)
             xs = pr_sess.run(xs_names, feeds)
             for r, x, y in zip(refits, xs, ys):
-                r.accumulate(x, y)
+                r.accumulate(x, y, rng)
             n_samples += len(next(iter(feeds.values())))
         if n_samples == 0:
             notes["recover_no_calibration_data"] += 1

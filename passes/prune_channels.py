@@ -114,8 +114,10 @@ class PruneChannels(Pass):
 
     def run(self, graph: gs.Graph, ctx: PassContext) -> PassResult:
         o = self.options
-        shapes = graph_shapes(graph, ctx.template)
-        cg = ChannelGraph(graph, shapes)
+        from onnxopt.model import graph_skeleton
+
+        skel_before = graph_skeleton(graph, ctx.template)
+        cg = ChannelGraph(graph, graph_shapes(graph, skeleton=skel_before))
         stats: dict = {"groups": len([g for g in cg.groups if g.layers])}
         counts, details = unprunable_summary(cg)
         for key, n in sorted(counts.items()):
@@ -134,9 +136,11 @@ class PruneChannels(Pass):
         deltas: dict[str, np.ndarray] = {}
         report_macs = True
         try:
-            skel_before = _skeleton(graph, ctx)
+            from onnxopt.analysis import analyze
+
             input_shapes = _analysis_shapes(skel_before, ctx)
-            original_layer_macs(cg, skel_before, input_shapes)
+            analysis_before = analyze(skel_before, input_shapes)
+            original_layer_macs(cg, analysis_before)
         except Exception as e:  # noqa: BLE001 - MACs only decide target_macs and the stats
             if o.target_macs is not None and o.mode == "prune":
                 raise PreconditionError(f"prune-channels: target_macs needs MACs of every layer: {e}") from e
@@ -184,7 +188,7 @@ class PruneChannels(Pass):
         for action in cg.actions:
             action(surgery)
         remove_dangling_constants(graph)
-        reinfer_shapes(graph, ctx.template)
+        skel_after = reinfer_shapes(graph, ctx.template)
 
         if original is not None:
             from onnxopt.pruning_recover import lstsq_refit
@@ -200,7 +204,9 @@ class PruneChannels(Pass):
         if report_macs:
             stats["layer_macs_before"] = sum(ly.macs for ly in cg.layers)
             stats["layer_macs_after"] = predicted_macs(cg, keep)
-            stats.update(prune_report(skel_before, _skeleton(graph, ctx), input_shapes))
+            if original is not None:  # lstsq may have added biases
+                skel_after = graph_skeleton(graph, ctx.template)
+            stats.update(prune_report(analysis_before, skel_after, input_shapes))
         ctx.artifacts["prune-channels"] = {
             "layers": rows,
             "groups": [
@@ -211,12 +217,6 @@ class PruneChannels(Pass):
             "unprunable": details,
         }
         return PassResult(True, stats)
-
-
-def _skeleton(graph: gs.Graph, ctx: PassContext):
-    from onnxopt.model import graph_skeleton
-
-    return graph_skeleton(graph, ctx.template)
 
 
 def _analysis_shapes(skeleton, ctx: PassContext) -> dict[str, tuple[int, ...]]:

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxopt import create_pass
-from onnxopt.errors import OnnxoptError, OptionsError, PreconditionError
+from onnxopt.errors import OptionsError, PreconditionError
 from onnxopt.model import check_model
 from onnxopt.pass_base import PassContext
 from onnxopt.pass_manager import PassManager
