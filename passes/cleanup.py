@@ -354,7 +354,11 @@ class _Folder:
             self.stats["folded_shape_nodes"] += shapes
             for g in list(_graphs(self.graph)):
                 if self._anything_to_fold(g):
+                    before = {id(t) for t in g.tensors().values() if isinstance(t, gs.Constant)}
                     self._gs_fold(g)
+                    for t in g.tensors().values():
+                        if isinstance(t, gs.Constant) and id(t) not in before:
+                            t._values = _exportable(t._values, t.name)
             done = _sweep(self.graph, self.keep)  # nodes whose outputs became constants (and what only fed them)
             folded += done
             if not (done or shapes) or not self._shape_targets():
@@ -537,17 +541,25 @@ class _Folder:
             return "failed"
         outs = [t for t in node.outputs if not t.is_empty()]
         arrays = [values.get(t.name) for t in outs]
-        if not all(isinstance(a, np.ndarray) and a.dtype.kind != "O" for a in arrays):
-            return "control_flow_or_sequence"
+        if not all(isinstance(a, np.ndarray) for a in arrays):
+            return "control_flow_or_sequence"  # a sequence or optional: not something an initializer holds
         if self.limit is not None and any(a.nbytes > self.limit for a in arrays):
             return "size"
         for t, a in zip(outs, arrays):
-            t.to_constant(a)
+            t.to_constant(_exportable(a, t.name))
         return None
 
 
 _HIDDEN_CONSTANT = "Constant__kept_by_onnxopt_cleanup"
 _MAX_ROUNDS = 8  # shape folding <-> constant folding rounds (each round must fold something to go on)
+
+
+def _exportable(values: Any, name: str) -> Any:
+    """Folded string tensors as a TensorProto (graphsurgeon exports numpy values as raw data, which strings cannot
+    be); anything else as it is."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "OSU":
+        return LazyValues(onnx.numpy_helper.from_array(values.astype(object), name))
+    return values
 
 
 def _is_string(values: Any) -> bool:

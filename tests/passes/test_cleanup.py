@@ -102,6 +102,24 @@ def test_folds_constant_chain_into_one_initializer():
     assert_idempotent(new)
 
 
+def test_folds_string_tensors():
+    # graphsurgeon exports numpy values as raw data, which string tensors cannot be: the folded value must still export.
+    a = helper.make_tensor("a", T.STRING, [2], [b"Ab", b"cD"])
+    b = helper.make_tensor("b", T.STRING, [2], [b"-1", b"-2"])
+    m = make(
+        [helper.make_node("StringConcat", ["a", "b"], ["ab"]), helper.make_node("StringConcat", ["x", "ab"], ["y"])],
+        [vi("x", T.STRING, [2])], [vi("y", T.STRING, [2])], [a, b], opset=20, ir=9,
+    )
+    new, stats, changed, _ = cleanup(m)
+    assert changed and ops(new) == ["StringConcat"]
+    assert nonzero(stats) == {"folded_nodes": 1, "removed_unused_initializers": 2}
+    (ab,) = new.graph.initializer
+    assert ab.data_type == T.STRING and list(ab.string_data) == [b"Ab-1", b"cD-2"]
+    feeds = {"x": np.array(["x", "y"], dtype=object)}
+    assert list(run(session(new), feeds)["y"]) == ["xAb-1", "ycD-2"]
+    assert_idempotent(new)
+
+
 def test_fold_failure_is_reported_and_the_rest_still_folds():
     # ONNX Runtime has no int16 Relu kernel: that node cannot be folded; the float Add next to it can.
     m = make(
