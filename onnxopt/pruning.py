@@ -583,7 +583,8 @@ class ChannelGraph:
         self.set(node.outputs[0], lay)
         for i in (1, 2):
             self._slice_input_action(node, i, node.inputs[0].name, 0)
-        self.flow.append(("unknown", node.outputs[0].name))
+        scale, bias = (np.asarray(const_value(t), dtype=np.float64) for t in node.inputs[1:3])
+        self.flow.append(("instnorm", node.outputs[0].name, node.inputs[0].name, scale, bias))
 
     def _h_LayerNormalization(self, node: gs.Node) -> None:
         lay = self.lay(node.inputs[0])
@@ -1546,6 +1547,10 @@ class _ConstAlgebra:
         out = x * scale + shift
         return np.where(gamma == 0, beta, out)
 
+    def instnorm(self, x, scale, bias):
+        # a spatially constant channel normalizes to zero: the output is the bias
+        return np.where(np.isfinite(x), bias, np.nan)
+
     def pad(self, x, value):
         return np.where(x == value, x, np.nan)
 
@@ -1623,6 +1628,10 @@ class _GaussAlgebra:
 
     def bn(self, x, scale, shift, gamma, beta):
         return (np.array(beta, dtype=np.float64), np.array(gamma, dtype=np.float64) ** 2)
+
+    def instnorm(self, x, scale, bias):
+        # per sample and channel the output has mean `bias` and variance `scale^2`, whatever the input
+        return (np.array(bias, dtype=np.float64), np.array(scale, dtype=np.float64) ** 2)
 
     def pad(self, x, value):
         return x
@@ -1714,6 +1723,8 @@ class ValuePropagation:
             self.vals[out] = alg.bn(self._get(src, n), scale, shift, gamma, beta)
         elif kind == "pad":
             self.vals[out] = alg.pad(self._get(step[2], n), step[3])
+        elif kind == "instnorm":
+            self.vals[out] = alg.instnorm(self._get(step[2], n), step[3], step[4])
         elif kind == "zero_only":
             self.vals[out] = alg.zero_only(self._get(step[2], n))
         elif kind == "same":
