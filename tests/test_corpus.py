@@ -30,7 +30,6 @@ tests/test_corpus.py``).
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import time
 import warnings
 from collections import Counter, deque
@@ -301,7 +300,7 @@ class CorpusResult:
 
 def _short(detail: str) -> str:
     """A reason without the case-specific names (quoted) or long tails, to group cases."""
-    return detail.split("'")[0].split(" node with name")[0][:100].rstrip(": ")
+    return detail.split("'")[0].split(" node with name")[0][:140].rstrip(": ")
 
 
 def run_corpus(
@@ -481,6 +480,6 @@ def test_corpus_subset(corpus_summary):
 @pytest.mark.slow
 def test_corpus_full(corpus_summary):
     cases = corpus()
-    result = run_corpus(cases, workers=int(os.environ.get("ONNXOPT_CORPUS_WORKERS", WORKERS)))
+    result = run_corpus(cases)
     assert len(result.results) == len(cases)
     _check(result, corpus_summary, "full corpus")
