@@ -30,9 +30,9 @@ some tools report 4.45 G for ResNet-50 instead of 4.09 G). Unit costs, per *outp
 ======================================================  =============================================================
 bias of Conv/ConvTranspose/Gemm/QLinearConv             1
 Add Sub Mul Div Pow Mod Min Max Sum (k inputs),         k - 1 (one per operation); Mean: k
-comparisons, logic, bit ops, Where
+comparisons, logic, bit ops
 Relu Abs Neg Sign Floor Ceil Round Exp Log Sqrt         1 (every elementary function counts 1)
-Reciprocal Tanh Erf Sin Cos ... Not IsNaN IsInf
+Reciprocal Tanh Erf Sin Cos ... Not IsNaN IsInf Where
 LeakyRelu PRelu Clip ThresholdedRelu                    2 (compare/select + multiply or the second bound)
 Softplus Softsign                                       3
 Sigmoid HardSigmoid Elu Celu                            4
@@ -104,12 +104,12 @@ _ZERO_COST = frozenset(
 )
 _VARIADIC = frozenset(
     """Add Sub Mul Div Pow Mod Max Min Sum And Or Xor Equal Greater Less GreaterOrEqual LessOrEqual BitShift
-    BitwiseAnd BitwiseOr BitwiseXor Where""".split()
+    BitwiseAnd BitwiseOr BitwiseXor""".split()
 )
 _UNARY: dict[str, int] = {
     **dict.fromkeys(
         """Relu Abs Neg Sign Floor Ceil Round Exp Log Sqrt Reciprocal Tanh Erf Sin Cos Tan Asin Acos Atan Sinh Cosh
-        Asinh Acosh Atanh Not IsNaN IsInf BitwiseNot Hardmax CumSum""".split(), 1),
+        Asinh Acosh Atanh Not IsNaN IsInf BitwiseNot Hardmax CumSum Where""".split(), 1),
     **dict.fromkeys("LeakyRelu PRelu Clip ThresholdedRelu".split(), 2),
     **dict.fromkeys("Softplus Softsign".split(), 3),
     **dict.fromkeys("Sigmoid HardSigmoid Elu Celu".split(), 4),

@@ -43,7 +43,8 @@ def _shape(shape) -> str:
 @click.option("--top", type=click.IntRange(min=0), default=20, show_default=True,
               help="How many layers to list, largest MACs first (0 = every layer, in graph order).")
 @click.option("--by-op", is_flag=True, help="Also show the totals per op type.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report (every layer) as JSON.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Write the full report (every layer) as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Write a bar chart of the MACs per layer (PNG; needs matplotlib: the 'plot' extra).")
 @click.option("--debug", is_flag=True, hidden=True)

@@ -51,7 +51,9 @@ def parse_shape_spec(name: str, text: str, current: Shape) -> tuple[Dim, ...]:
     if not parts or not all(_DIM_RE.match(p) for p in parts):
         raise OptionsError(f"bad shape {text!r} for input {name!r}: expected dims like 1x3x720x1280 ('?' keeps a dim)")
     if len(parts) != len(current):
-        raise OptionsError(f"shape {text!r} for input {name!r} has rank {len(parts)}, the input has rank {len(current)}")
+        raise OptionsError(
+            f"shape {text!r} for input {name!r} has rank {len(parts)}, the input has rank {len(current)}"
+        )
     dims: list[Dim] = []
     for p, cur in zip(parts, current):
         if p == "?":
@@ -243,7 +245,9 @@ class _Propagator:
         if target is None:
             return  # computed from Shape ops: follows the new shape by itself
         if any(d is None for d in new):
-            raise _Refuse(f"has a constant target shape {target.tolist()} but its new input shape {list(new)} is unknown")
+            raise _Refuse(
+                f"has a constant target shape {target.tolist()} but its new input shape {list(new)} is unknown"
+            )
         # Symbolic dims (unchanged by definition) take distinct large primes for the block alignment; a new entry
         # that would contain one is refused (it mixes a dynamic dim with a changed one).
         symbols = list(dict.fromkeys(d for d in new if isinstance(d, str)))

@@ -227,7 +227,9 @@ class Skeleton:
                 kind, size = "count", _typed_count(t)
             want = nbytes(t.data_type, tuple(t.dims)) if kind == "raw" else math.prod(t.dims)
             if kind == "raw" and want is not None and size != want:
-                raise ModelLoadError(f"tensor {name!r}: {size} bytes of data for shape {list(t.dims)} (expected {want})")
+                raise ModelLoadError(
+                    f"tensor {name!r}: {size} bytes of data for shape {list(t.dims)} (expected {want})"
+                )
             if kind == "count" and size != want and t.data_type not in _SUB_BYTE_BITS:
                 raise ModelLoadError(f"tensor {name!r}: {size} values for shape {list(t.dims)} (expected {want})")
 

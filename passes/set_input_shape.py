@@ -62,7 +62,7 @@ def _fmt(shape) -> str:
 
 
 def apply_plan(graph: gs.Graph, plan) -> None:
-    """Write a :class:`onnxopt.resolution.ShapePlan` into ``graph``: input shapes, updated constants, inferred shapes."""
+    """Write a :class:`onnxopt.resolution.ShapePlan` into ``graph``: input shapes, new constants, inferred shapes."""
     from onnxopt.graphutil import constant_producer
 
     tensors = graph.tensors()

@@ -230,7 +230,8 @@ def test_grouped_conv(groups, oc, stride, pad, dilation):
     rng = np.random.default_rng(3)
     node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", group=groups, strides=[stride] * 2,
                             pads=[pad] * 4, dilations=[dilation] * 2)
-    model = make_model([node], [vi("x", [n, ic, h, w])], [vi("y", None)], [init("w", rand(rng, oc, ic // groups, k, k))])
+    model = make_model([node], [vi("x", [n, ic, h, w])], [vi("y", None)],
+                       [init("w", rand(rng, oc, ic // groups, k, k))])
     a = analyze(model)
     oh = (h + 2 * pad - dilation * (k - 1) - 1) // stride + 1
     ow = (w + 2 * pad - dilation * (k - 1) - 1) // stride + 1

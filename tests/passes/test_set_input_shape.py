@@ -193,7 +193,7 @@ def test_ambiguous_constants_are_refused_by_name(node):
     assert model.SerializeToString() == before
 
 
-# -- dynamic dims and no-ops --------------------------------------------------------------------------------------------
+# -- dynamic dims and no-ops ------------------------------------------------------------------------------------------
 
 def dynamic_model():
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
