@@ -90,7 +90,7 @@ import onnx
 from onnx import helper
 
 from onnxopt.errors import OnnxoptError
-from onnxopt.skeleton import ConstInfo, Shape, Skeleton, nbytes, numel, value_types
+from onnxopt.skeleton import ConstInfo, Shape, Skeleton, nbytes, numel, typed_shapes
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Unit costs (see the module docstring)
@@ -363,7 +363,7 @@ class _Analyzer:
         self.graph = inferred.graph
         self.nodes = list(self.graph.node)
         self.constants = constants
-        self.types = value_types(inferred)
+        self.types = typed_shapes(inferred)
         self.producer: dict[str, int] = {}
         for i, n in enumerate(self.nodes):
             for o in n.output:

@@ -37,7 +37,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxopt.errors import OptionsError, PreconditionError
-from onnxopt.skeleton import ConstInfo, Dim, Shape, Skeleton, value_types
+from onnxopt.skeleton import ConstInfo, Dim, Shape, Skeleton, typed_shapes
 
 INT64_MAX = np.iinfo(np.int64).max
 #: stand-ins for symbolic dims in the Reshape block alignment (primes far above any real dim)
@@ -94,7 +94,7 @@ class ShapePlan:
 
     def shapes(self) -> dict[str, tuple[int, Shape | None]]:
         """(elem_type, shape) of every value after the change."""
-        return value_types(self.inferred) if self.inferred is not None else {}
+        return typed_shapes(self.inferred) if self.inferred is not None else {}
 
 
 def input_shapes(skel: Skeleton) -> dict[str, Shape]:
@@ -128,7 +128,7 @@ def plan_input_shapes(model: onnx.ModelProto, specs: dict[str, str | tuple[Dim, 
     plan = ShapePlan(skel, None, old_inputs, dict(new))
     if not plan.changed:
         return plan
-    old = value_types(skel.infer())
+    old = typed_shapes(skel.infer())
     skel.set_input_shapes(new)
     skel.clear_inferred()
     _Propagator(skel, old, plan).run()
@@ -137,7 +137,7 @@ def plan_input_shapes(model: onnx.ModelProto, specs: dict[str, str | tuple[Dim, 
     except Exception as e:  # noqa: BLE001 - onnx raises InferenceError and others
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PreconditionError(f"with the new input shapes, shape inference fails: {first}") from e
-    outs = value_types(plan.inferred)
+    outs = typed_shapes(plan.inferred)
     plan.stats["inputs_changed"] = sum(1 for k in new if new[k] != old_inputs[k])
     plan.stats["outputs_changed"] = sum(
         1 for o in skel.model.graph.output if (old.get(o.name) or (0, None))[1] != (outs.get(o.name) or (0, None))[1]
@@ -185,7 +185,7 @@ class _Propagator:
 
     def shapes_of(self, name: str) -> tuple[Shape | None, Shape | None]:
         if self.dirty:
-            self.cur = value_types(self.skel.infer())
+            self.cur = typed_shapes(self.skel.infer())
             self.dirty = False
         return (self.old.get(name) or (0, None))[1], (self.cur.get(name) or (0, None))[1]
 

@@ -235,15 +235,18 @@ class Skeleton:
 
     def infer(self, *, strict: bool = False) -> onnx.ModelProto:
         """ONNX shape inference (with data propagation) on the skeleton; returns the inferred skeleton."""
-        return onnx.shape_inference.infer_shapes(self.model, check_type=True, strict_mode=strict, data_prop=True)
+        from onnxopt.shapes import infer_shapes
+
+        return infer_shapes(self.model, strict=strict)
 
 
 def _typed_count(t: onnx.TensorProto) -> int:
     return max(len(t.float_data), len(t.int32_data), len(t.int64_data), len(t.double_data), len(t.uint64_data))
 
 
-def value_types(model: onnx.ModelProto) -> dict[str, tuple[int, Shape | None]]:
-    """``name -> (elem_type, shape)`` of every value an (inferred) model declares; shape None when unknown."""
+def typed_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, Shape | None]]:
+    """``name -> (elem_type, shape)`` of every value an (inferred) model declares; shape None when unknown.
+    (:func:`onnxopt.shapes.value_shapes` and :func:`onnxopt.shapes.value_types` give the two halves separately.)"""
     out: dict[str, tuple[int, Shape | None]] = {}
     g = model.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):

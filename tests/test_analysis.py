@@ -14,7 +14,7 @@ from onnxopt.analysis import analyze, einsum_macs, matmul_macs, summarize
 from onnxopt.errors import OptionsError, PreconditionError
 from onnxopt.pass_base import PassContext
 from onnxopt.shapes import value_shapes
-from onnxopt.skeleton import Skeleton, value_types
+from onnxopt.skeleton import Skeleton, typed_shapes
 
 F32 = TensorProto.FLOAT
 
@@ -135,11 +135,11 @@ def test_skeleton_inference_equals_full_inference(name):
     from models.zoo import ZOO
 
     model = ZOO[name]()
-    full = value_types(onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True))
+    full = typed_shapes(onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True))
     skel = Skeleton(model)
     assert skel.stripped  # something was stripped
     assert len(skel.model.SerializeToString()) < model.ByteSize() / 20
-    fast = value_types(skel.infer(strict=True))
+    fast = typed_shapes(skel.infer(strict=True))
     assert {k: v for k, v in fast.items() if k in full} == full
 
 
