@@ -533,7 +533,8 @@ def build_yolo(batch: int = 1, height: int = 320, width: int = 320, seed: int = 
     features = []                                                            # P2/4 .. P5/32
     for stage, (channels, depth) in enumerate(_YOLO_BACKBONE_STAGES, start=1):
         x = _conv_silu(g, x, channels, 3, f"backbone.stage{stage}.down", stride=2)
-        features.append(_c2f(g, x, channels, depth, True, f"backbone.stage{stage}.c2f"))
+        x = _c2f(g, x, channels, depth, True, f"backbone.stage{stage}.c2f")
+        features.append(x)
     c3, c4, c5 = features[1], features[2], _sppf(g, features[3], 256, "backbone.sppf")
 
     t4 = _pan_merge(g, c5, c4, 128, "neck.td4", upsample=True)             # top-down
