@@ -9,7 +9,9 @@
    ``recover=lstsq`` (calibrated on the calibration split only), ``recover=bias`` (data-free) and ``recover=none``,
    for ``importance=l1`` and ``importance=random``; with the default ``round_to=8`` and with ``round_to=1``.
 
-    python bench/bench_prune.py [--repeats 5] [--part all|resnet50|digits]
+3. Every zoo model at ``ratio=0.3`` (MACs predicted vs measured), and ``prune-blocks:count=2`` on ResNet-50.
+
+    python bench/bench_prune.py [--repeats 5] [--part all|resnet50|digits|zoo|blocks]
 
 Targets (issue 4): latency ratio <= 0.6, pass time <= 3x load+save, lstsq beats no recovery.
 """
@@ -136,12 +138,53 @@ def bench_digits() -> list[dict]:
     return rows
 
 
+def bench_zoo() -> list[dict]:
+    """prune-channels:ratio=0.3 on every zoo model (default resolutions): MACs predicted from the kept channel counts
+    versus the MAC analysis of the pruned model, params, output cosine on a random input (recover=bias)."""
+    import onnxopt
+    from models.zoo import ZOO
+    from onnxopt.pass_base import PassContext
+    from onnxopt.pass_manager import PassManager
+    from onnxopt.validate import output_metrics, random_inputs, run, session
+
+    rows = []
+    for name, builder in ZOO.items():
+        model = builder(1)
+        ctx = PassContext()
+        pruned, record = PassManager([onnxopt.create_pass("prune-channels", ratio=0.3)]).run(model, ctx)
+        st = record.passes[0].stats
+        feeds = random_inputs(model, seed=0)
+        ref, new = run(session(model), feeds), run(session(pruned), feeds)
+        cos = min(output_metrics(k, ref[k], new[k]).cosine for k in ref)
+        shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
+        rows.append({"model": name, "input": "x".join(map(str, shape)), "macs_before": st["macs_before"],
+                     "macs_after": st["macs_after"], "predicted": st["layer_macs_after"],
+                     "params_before": st["params_before"], "params_after": st["params_after"],
+                     "groups": f"{st['groups_pruned']}/{st['groups']}", "cosine": cos,
+                     "seconds": record.passes[0].seconds})
+    return rows
+
+
+def bench_blocks() -> dict:
+    """prune-blocks:count=2 on ResNet-50 224x224 (no calibration data: scored on seeded random inputs)."""
+    import onnxopt
+    from models.zoo import build_resnet50
+    from onnxopt.pass_base import PassContext
+    from onnxopt.pass_manager import PassManager
+
+    model = build_resnet50(1, 224, 224)
+    _, record = PassManager([onnxopt.create_pass("prune-blocks", count=2)]).run(model, PassContext())
+    st = dict(record.passes[0].stats)
+    st["seconds"] = record.passes[0].seconds
+    return st
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads for the latency runs")
     ap.add_argument("--runs", type=int, default=40, help="alternating latency runs of each model")
-    ap.add_argument("--part", choices=["all", "resnet50", "digits"], default="all")
+    ap.add_argument("--part", choices=["all", "resnet50", "digits", "zoo", "blocks"], default="all")
     args = ap.parse_args()
 
     if args.part in ("all", "resnet50"):
@@ -156,6 +199,21 @@ def main() -> None:
               f"(median of per-pair ratios {r['latency_pair_ratio']:.3f}; target <= 0.6)")
         print(f"  pass {r['pass_s']:.3f} s vs load+save {r['load_save_s']:.3f} s: ratio {r['pass_over_io']:.2f} "
               f"(target <= 3)")
+    if args.part in ("all", "zoo"):
+        print("zoo models, prune-channels:ratio=0.3 (recover=bias)")
+        for r in bench_zoo():
+            print(f"  {r['model']:<12} {r['input']:<12} MACs {r['macs_before']:,} -> {r['macs_after']:,} "
+                  f"(x{r['macs_after'] / r['macs_before']:.3f}; predicted from kept counts {r['predicted']:,}, "
+                  f"equal: {r['predicted'] == r['macs_after']})  params {r['params_before']:,} -> "
+                  f"{r['params_after']:,}  groups pruned {r['groups']}  min output cosine {r['cosine']:.3f}  "
+                  f"pass {r['seconds']:.2f} s")
+    if args.part in ("all", "blocks"):
+        st = bench_blocks()
+        print("ResNet-50 224x224, prune-blocks:count=2")
+        print(f"  removed: {st['removed']}")
+        print(f"  MACs {st['macs_before']:,} -> {st['macs_after']:,}; scored by {st['scored_by']}; "
+              f"pass {st['seconds']:.2f} s")
+        print(f"  why: {st['why']}")
     if args.part in ("all", "digits"):
         rows = bench_digits()
         base = rows[0]["top1"]
