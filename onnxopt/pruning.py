@@ -781,8 +781,6 @@ class ChannelGraph:
             idx = a - (r - len(s))
             if idx < 0 or s[idx] == 1 or c_out == 1:
                 operands.append(("c", v) if v is not None else ("u",))
-                if v is not None:
-                    pass
                 continue
             if s[idx] != c_out:
                 self.opaque(node, "broadcast_over_channels", f"{where}: operand {t.name!r} does not match channels")

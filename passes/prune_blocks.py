@@ -63,7 +63,8 @@ class PruneBlocks(Pass):
             return PassResult(False, stats)
 
         model = ctx.to_model(graph)
-        macs = _node_macs(model, ctx)
+        shapes = _analysis_shapes(model, ctx)
+        macs, params_before = _node_macs(model, shapes)
         base_macs = sum(macs.values())
         feeds, scored_by = _scoring_data(model, ctx, o.samples)
         stats["scored_by"] = scored_by
@@ -91,16 +92,13 @@ class PruneBlocks(Pass):
             stats["skipped_nothing_to_remove"] = 1
             return PassResult(False, stats)
 
-        removed_macs = 0
         dropped: set[int] = set()
         for i in chosen:
-            b = branches[i]
-            removed_macs += sum(macs.get(n.name, 0) for n in b.nodes)
-            dropped |= _remove(graph, b)
+            dropped |= _remove(graph, branches[i])
         graph.nodes = [n for n in graph.nodes if id(n) not in dropped]
         from onnxopt.pruning import reinfer_shapes
 
-        reinfer_shapes(graph, ctx.template)
+        skeleton = reinfer_shapes(graph, ctx.template)
         stats["blocks_removed"] = len(chosen)
         stats["removed"] = "; ".join(
             f"{branches[i].add.name} ({len(branches[i].nodes)} nodes, output change {scores[i]:.4g}, "
@@ -109,14 +107,15 @@ class PruneBlocks(Pass):
                         f"next candidate: {branches[order[len(chosen)]].add.name}={scores[order[len(chosen)]]:.4g}"
                         if len(chosen) < len(order) else f"all candidates removed ({scored_by})")
         if base_macs:
+            after, params_after = _node_macs(skeleton, shapes)
             stats["macs_before"] = base_macs
-            stats["macs_after"] = base_macs - removed_macs
+            stats["macs_after"] = sum(after.values())
+            stats["params_before"], stats["params_after"] = params_before, params_after
         return PassResult(True, stats)
 
 
-def _node_macs(model: onnx.ModelProto, ctx: PassContext) -> dict[str, int]:
-    """Per-node Conv/Gemm MACs from the MAC analysis (a dynamic batch dim counts as 1)."""
-    from onnxopt.analysis import analyze
+def _analysis_shapes(model: onnx.ModelProto, ctx: PassContext) -> dict[str, tuple[int, ...]]:
+    """Input shapes for the MAC analysis: ``ctx.input_shapes``, a dynamic dim otherwise counts as 1."""
     from onnxopt.shapes import graph_inputs
 
     shapes = {}
@@ -125,11 +124,18 @@ def _node_macs(model: onnx.ModelProto, ctx: PassContext) -> dict[str, int]:
             shapes[spec.name] = tuple(ctx.input_shapes[spec.name])
         elif not spec.is_static:
             shapes[spec.name] = tuple(d if isinstance(d, int) else 1 for d in spec.shape)
+    return shapes
+
+
+def _node_macs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int], int | None]:
+    """Per-node MACs and the parameter count from the MAC analysis ({} and None when it cannot tell)."""
+    from onnxopt.analysis import analyze
+
     try:
         a = analyze(model, shapes)
     except Exception:  # noqa: BLE001 - MACs only serve target_macs and the stats
-        return {}
-    return {layer.name: int(layer.macs or 0) for layer in a.layers}
+        return {}, None
+    return {layer.name: int(layer.macs or 0) for layer in a.layers}, a.params
 
 
 def _scoring_data(model: onnx.ModelProto, ctx: PassContext, samples: int) -> tuple[list[dict], str]:

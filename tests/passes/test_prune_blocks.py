@@ -181,6 +181,7 @@ def test_zoo_resnet50_count_2():
     assert "next candidate: " + ranked[2] in rec.stats["why"]
     assert len(new.graph.node) == len(model.graph.node) - 2 * 9  # per branch: 3 Conv, 3 BN, 2 ReLU and the Add
     assert rec.stats["macs_after"] < rec.stats["macs_before"]
+    assert rec.stats["params_after"] < rec.stats["params_before"] == 25_557_032
     check_model(new)
     out = run(new, random_inputs(model, seed=0))["logits"]
     assert out.shape == (1, 1000) and np.isfinite(out).all()
