@@ -187,7 +187,11 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     flags = open("/proc/cpuinfo").read()
     vnni = "avx512_vnni" in flags or "avx_vnni" in flags
-    print(f"# machine: {cpu}, {os.cpu_count()} CPUs, VNNI: {'yes' if vnni else 'no'}, Python {platform.python_version()}")
+    import onnxruntime
+
+    print(f"# machine: {cpu}, {os.cpu_count()} CPUs, VNNI: {'yes' if vnni else 'no'}, Python "
+          f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}; load average at start "
+          f"{os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
         d = Path(tmp)
         m = build_resnet18(1, args.size, args.size, 0)
@@ -227,7 +231,7 @@ def main() -> None:
         print("\n| model | ORT optimizations off (reference) | ORT_ENABLE_ALL (deployment) |\n|---|---:|---:|")
         for name, ref, dep in digits_table(d):
             print(f"| {name} | {100 * ref:.2f}% | {100 * dep:.2f}% |")
-    print(f"\n# total bench time {time.perf_counter() - T0:.0f} s")
+    print(f"\n# total bench time {time.perf_counter() - T0:.0f} s; load average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
