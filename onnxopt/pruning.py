@@ -978,9 +978,15 @@ class ChannelGraph:
             self.flow.append(("unknown", out.name))
             return
         where = self._where(node)
-        m = self._reshape_map(self.shape(x), self.shape(out), lay.axis, len(lay.elems))
+        s_in, s_out = self.shape(x), self.shape(out)
+        m = self._reshape_map(s_in, s_out, lay.axis, len(lay.elems))
         if m is None:
-            self.opaque(node, "channel_mixing_reshape", f"{where} mixes the channel axis with others")
+            if s_in is None or s_out is None or not _static(s_in[lay.axis:]) or not any(
+                    isinstance(d, int) and d > 0 and d % len(lay.elems) == 0 for d in s_out):
+                self.opaque(node, "dynamic_shape", f"{where}: shapes around the channel axis are not static "
+                                                   f"({s_in} -> {s_out}); give --input-shape")
+            else:
+                self.opaque(node, "channel_mixing_reshape", f"{where} mixes the channel axis with others")
             return
         b, k = m
         if rewrite_shape:

@@ -435,13 +435,15 @@ def blocked_net(W):
     n.conv("co", "x", W)
     y = n.op("Relu", [n.conv("cp", "x", W)], "rp")
     n.op("TopK", [n.conv("ck", "x", W), n.const("k", np.array([2], np.int64))], "topk", n_out=2, axis=1)
+    n.op("Reshape", [n.conv("cr", "x", W), n.const("groups", np.array([1, 2, 4, 64], np.int64))], "shuffle")
+    n.op("ReduceMean", [n.conv("cm", "x", W)], "rm", axes=[1])
     n.conv("cq", y, W, pads=[0] * 4)
-    return n.model(["tr_out", "sm_out", "co_out", "cq_out", "topk_out0"])
+    return n.model(["tr_out", "sm_out", "co_out", "cq_out", "topk_out0", "shuffle_out", "rm_out"])
 
 
 def test_unprunable_groups_give_the_reason_and_stay_untouched():
     rng = np.random.default_rng(10)
-    W = {k: conv_w(rng, 8, 3) for k in ("ct", "cs", "co", "cp", "ck")}
+    W = {k: conv_w(rng, 8, 3) for k in ("ct", "cs", "co", "cp", "ck", "cr", "cm")}
     W["cq"] = conv_w(rng, 4, 8, 1)
     model = blocked_net(W)
     new, rec, art = prune(model, ratio=0.5, round_to=1, recover="none")
@@ -449,15 +451,32 @@ def test_unprunable_groups_give_the_reason_and_stay_untouched():
     assert s["skipped_transpose"] == 1 and s["skipped_softmax_over_channels"] == 1
     assert s["skipped_graph_output"] == 2  # co and cq feed graph outputs
     assert s["skipped_unsupported_topk"] == 1
+    assert s["skipped_channel_mixing_reshape"] == 1 and s["skipped_reduction_over_channels"] == 1
     assert "Transpose 'tr' moves the channel axis" in s["unprunable"]
     assert "Softmax 'sm' normalizes over the channels" in s["unprunable"]
     assert "'co_out' is a graph output" in s["unprunable"]
-    for k in ("ct", "cs", "co", "ck"):
+    for k in ("ct", "cs", "co", "ck", "cr", "cm"):
         np.testing.assert_array_equal(init_array(new, f"{k}.w"), W[k])
     assert init_shape(new, "cp.w") == (4, 3, 3, 3) and init_shape(new, "cq.w") == (4, 4, 1, 1)
     assert rec.stats["channels"] == "cp:8->4"
     for o_old, o_new in zip(model.graph.output, new.graph.output):
         assert o_old == o_new
+
+
+def test_non_constant_weight_makes_its_input_group_unprunable():
+    rng = np.random.default_rng(21)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a"], name="c0", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w_dyn"], ["y"], name="c1")]
+    g = helper.make_graph(nodes, "dyn", [helper.make_tensor_value_info("x", F32, [1, 3, 8, 8]),
+                                         helper.make_tensor_value_info("w_dyn", F32, [4, 8, 1, 1])],
+                          [helper.make_tensor_value_info("y", F32, [1, 4, 8, 8])],
+                          [numpy_helper.from_array(conv_w(rng, 8, 3), "w0")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    new, rec, _ = prune(model, ratio=0.5, round_to=1)
+    assert not rec.changed and rec.stats["skipped_non_constant_weight"] == 1
+    assert "Conv 'c1' has a non-constant weight" in rec.stats["unprunable"]
 
 
 def test_nothing_prunable_leaves_the_graph_unchanged():
