@@ -193,7 +193,7 @@ def save(
     """
     if external_data is None:
         external_data = tensor_bytes(model) >= EXTERNAL_DATA_THRESHOLD
-    return _atomic(Path(path), protect, lambda tmp: _write(model, tmp, external=bool(external_data)))
+    return atomic_output(path, lambda tmp: _write(model, tmp, external=bool(external_data)), protect=protect)
 
 
 def model_to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -376,8 +376,9 @@ def graph_nbytes(graph: gs.Graph) -> int:
     return sum(int(getattr(t._values, "nbytes", 0)) for t in graph.tensors().values() if isinstance(t, gs.Constant))
 
 
-def _atomic(out: Path, protect: tuple[str | os.PathLike, ...], write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_path)`` in a temporary folder beside ``out``, then rename the file (and ``.data``) into place."""
+def check_output_path(path: str | os.PathLike, protect: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse an output path that is a protected file (the input model), a folder, or in a folder that does not exist."""
+    out = Path(path)
     for prot in protect:
         if out.exists() and Path(prot).exists() and os.path.samefile(out, prot):
             raise ModelSaveError(f"{out}: refusing to overwrite the input model (use --in-place to allow it)")
@@ -386,6 +387,17 @@ def _atomic(out: Path, protect: tuple[str | os.PathLike, ...], write: Callable[[
     folder = out.parent if str(out.parent) else Path(".")
     if not folder.is_dir():
         raise ModelSaveError(f"{out}: folder {folder} does not exist")
+    return out
+
+
+def atomic_output(
+    path: str | os.PathLike, write: Callable[[Path], None], *, protect: tuple[str | os.PathLike, ...] = ()
+) -> Path:
+    """Run ``write(tmp)`` in a temporary folder beside ``path``; then rename every file it wrote there into place,
+    companions first (``NAME.data``, ``NAME.bin`` ...) and ``path`` itself last. A failure leaves nothing behind and
+    the old output, if any, untouched."""
+    out = check_output_path(path, protect)
+    folder = out.parent if str(out.parent) else Path(".")
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
     except OSError as e:
@@ -393,9 +405,11 @@ def _atomic(out: Path, protect: tuple[str | os.PathLike, ...], write: Callable[[
     try:
         tmp = tmpdir / out.name
         write(tmp)
-        data_tmp = tmpdir / (out.name + ".data")
-        if data_tmp.exists():
-            os.replace(data_tmp, folder / data_tmp.name)
+        companions = [f for f in tmpdir.iterdir() if f.name != out.name]
+        for f in companions:
+            check_output_path(folder / f.name, protect)
+        for f in companions:
+            os.replace(f, folder / f.name)
         os.replace(tmp, out)
     except OSError as e:
         raise ModelSaveError(f"{out}: write failed: {e.strerror or e}") from e
@@ -421,7 +435,7 @@ def save_graph(
             for piece in serialize_pieces(graph, template):
                 f.write(piece)
 
-    return _atomic(Path(path), protect, write)
+    return atomic_output(path, write, protect=protect)
 
 
 def checkable(skeleton: onnx.ModelProto) -> onnx.ModelProto:

@@ -136,9 +136,9 @@ def test_engine_path(tmp_path):
     assert trt_backend.engine_path(tmp_path / "out.plan", model) == tmp_path / "out.plan"
     with pytest.raises(OptionsError, match="an engine is not an ONNX model"):
         trt_backend.engine_path(tmp_path / "out.onnx", model)
-    with pytest.raises(OptionsError, match="is a folder"):
+    with pytest.raises(ModelSaveError, match="is a folder"):
         trt_backend.engine_path(tmp_path, model)
-    with pytest.raises(OptionsError, match="folder .* does not exist"):
+    with pytest.raises(ModelSaveError, match="folder .* does not exist"):
         trt_backend.engine_path(tmp_path / "no" / "m.engine", model)
     with pytest.raises(OptionsError, match="give -o ENGINE"):
         trt_backend.engine_path(None, None)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -24,7 +23,8 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 import onnx
 
-from onnxopt.errors import ModelSaveError, OptionsError
+from onnxopt.errors import OptionsError
+from onnxopt.model import atomic_output
 
 # -- shape profiles ------------------------------------------------------------------------------------------------
 
@@ -149,34 +149,14 @@ def parse_size(text: str) -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: Any, *, protect: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Write ``data`` (bytes or any buffer, e.g. TensorRT's IHostMemory) to ``path`` atomically.
+    """Write ``data`` (bytes or any buffer, e.g. TensorRT's IHostMemory) to ``path`` atomically
+    (see :func:`onnxopt.model.atomic_output`). ``protect``: paths never to overwrite (the input model)."""
 
-    The bytes go to a temporary file in the target's folder, which is renamed over the target only when complete:
-    a failure never leaves a half-written file. ``protect``: paths that must never be overwritten (the input model).
-    """
-    out = Path(path)
-    for prot in protect:
-        if out.exists() and Path(prot).exists() and os.path.samefile(out, prot):
-            raise ModelSaveError(f"{out}: refusing to overwrite the input model")
-    if out.is_dir():
-        raise ModelSaveError(f"{out}: is a folder")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelSaveError(f"{out}: folder {folder} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise ModelSaveError(f"{out}: cannot write in {folder}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             f.write(memoryview(data))
-        os.replace(tmp, out)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise ModelSaveError(f"{out}: write failed: {e.strerror or e}") from e
-        raise
-    return out
+
+    return atomic_output(path, write, protect=protect)
 
 
 # -- latency -------------------------------------------------------------------------------------------------------

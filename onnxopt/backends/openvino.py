@@ -14,7 +14,6 @@ Written against the OpenVINO 2024+ Python API (``openvino.Core``, ``read_model``
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import numpy as np
 import onnx
 
 from onnxopt.backends.base import Artifact, Backend, BuildOptions, Runner, load_model_arg
-from onnxopt.errors import ModelSaveError, OnnxoptError, OptionsError
+from onnxopt.errors import OnnxoptError, OptionsError
+from onnxopt.model import atomic_output
 
 INSTALL_HINT = "pip install 'onnxopt[openvino]' (or: pip install openvino)"
 
@@ -152,26 +152,9 @@ class OpenVinoBackend(Backend):
 
     @staticmethod
     def _save(ov, ov_model, out: Path, protect) -> Path:
-        """Write NAME.xml + NAME.bin atomically (both into a temporary folder beside them, then renamed)."""
-        folder = out.parent if str(out.parent) else Path(".")
-        if not folder.is_dir():
-            raise ModelSaveError(f"{out}: folder {folder} does not exist")
-        bin_path = out.with_suffix(".bin")
-        for prot in protect:
-            for target in (out, bin_path):
-                if target.exists() and Path(prot).exists() and os.path.samefile(target, prot):
-                    raise ModelSaveError(f"{target}: refusing to overwrite the input model")
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder))
-        try:
-            tmp = tmpdir / out.name
-            ov.save_model(ov_model, str(tmp), compress_to_fp16=False)
-            os.replace(tmp.with_suffix(".bin"), bin_path)
-            os.replace(tmp, out)
-        except OSError as e:
-            raise ModelSaveError(f"{out}: write failed: {e.strerror or e}") from e
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
-        return out
+        """Write NAME.xml + NAME.bin atomically (see :func:`onnxopt.model.atomic_output`)."""
+        return atomic_output(out, lambda tmp: ov.save_model(ov_model, str(tmp), compress_to_fp16=False),
+                             protect=protect)
 
     def runner(self, artifact, options: BuildOptions | None = None) -> Runner:
         options = options or BuildOptions()

@@ -44,6 +44,7 @@ from onnxopt.backends.base import (
     Artifact, Backend, BuildOptions, Runner, ShapeProfile, atomic_write_bytes, load_model_arg, resolve_profiles,
 )
 from onnxopt.errors import OnnxoptError, OptionsError
+from onnxopt.model import check_output_path
 
 MIN_TRT_MAJOR = 10
 INSTALL_HINT = (
@@ -91,13 +92,7 @@ def engine_path(output: str | os.PathLike | None, model_path: str | os.PathLike 
         out = Path(output)
     if out.suffix.lower() == ".onnx":
         raise OptionsError(f"-o {out}: an engine is not an ONNX model; use a .engine or .plan file name")
-    if model_path is not None and out.exists() and Path(model_path).exists() and os.path.samefile(out, model_path):
-        raise OptionsError(f"-o {out} is the input model; refusing to overwrite it")
-    if out.is_dir():
-        raise OptionsError(f"-o {out}: is a folder")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise OptionsError(f"-o {out}: folder {folder} does not exist")
+    check_output_path(out, protect=(model_path,) if model_path is not None else ())
     return out
 
 
