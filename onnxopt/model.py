@@ -305,7 +305,7 @@ def graph_skeleton(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
 # as its own protobuf field, its raw data taken straight from the numpy buffer. Protobuf allows a message's fields in any
 # order and concatenates repeated fields, so the bytes parse to the same model (initializers in a different order).
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
     out = bytearray()
     while True:
         low = n & 0x7F
@@ -317,8 +317,8 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _len_field(number: int, length: int) -> bytes:
-    return _varint((number << 3) | 2) + _varint(length)
+def len_field(number: int, length: int) -> bytes:
+    return varint((number << 3) | 2) + varint(length)
 
 
 _GRAPH_FIELD, _INITIALIZER_FIELD = 7, 5  # ModelProto.graph, GraphProto.initializer
@@ -344,9 +344,9 @@ def _tensor_pieces(t: gs.Constant) -> list:
     arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
     name = t.name.encode()
     raw = memoryview(arr.reshape(-1).view(np.uint8))
-    head = b"".join(_varint((_DIMS << 3) | 0) + _varint(int(d)) for d in arr.shape)
-    head += _varint((_DATA_TYPE << 3) | 0) + _varint(data_type)
-    head += _len_field(_NAME, len(name)) + name + _len_field(_RAW_DATA, raw.nbytes)
+    head = b"".join(varint((_DIMS << 3) | 0) + varint(int(d)) for d in arr.shape)
+    head += varint((_DATA_TYPE << 3) | 0) + varint(data_type)
+    head += len_field(_NAME, len(name)) + name + len_field(_RAW_DATA, raw.nbytes)
     return [head, raw]
 
 
@@ -363,9 +363,9 @@ def serialize_pieces(graph: gs.Graph, template: onnx.ModelProto | None = None) -
     tensors = []
     for t in big:
         pieces = _tensor_pieces(t)
-        tensors.append([_len_field(_INITIALIZER_FIELD, sum(len(memoryview(p)) for p in pieces)), *pieces])
+        tensors.append([len_field(_INITIALIZER_FIELD, sum(len(memoryview(p)) for p in pieces)), *pieces])
     graph_len = len(graph_bytes) + sum(len(memoryview(p)) for ps in tensors for p in ps)
-    out = [model.SerializeToString(), _len_field(_GRAPH_FIELD, graph_len), graph_bytes]
+    out = [model.SerializeToString(), len_field(_GRAPH_FIELD, graph_len), graph_bytes]
     for ps in tensors:
         out.extend(ps)
     return out

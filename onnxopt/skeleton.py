@@ -26,6 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxopt.errors import ModelLoadError
+from onnxopt.model import len_field
 
 #: Tensors with more elements than this are replaced by typed graph inputs in the skeleton.
 STRIP_ELEMENTS = 1024
@@ -319,20 +320,9 @@ class _Wire:
             pos = vend
 
 
-def _encode_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _len_field(field: int, payload: bytes) -> bytes:
-    return _encode_varint(field << 3 | 2) + _encode_varint(len(payload)) + payload
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: tag, length, payload."""
+    return len_field(number, len(payload)) + payload
 
 
 def _tensor_without_payload(w: _Wire, start: int, end: int) -> tuple[bytes, str, tuple[str, int]] | None:
@@ -410,8 +400,8 @@ def read_structure(path) -> tuple[onnx.ModelProto, dict[str, tuple[str, int]]]:
                 else:
                     tensor, name, payload = stripped
                     payloads[name] = payload
-                    graph += _len_field(5, tensor)
-            out += _len_field(7, bytes(graph))
+                    graph += _field(5, tensor)
+            out += _field(7, bytes(graph))
         model = onnx.ModelProto()
         model.ParseFromString(bytes(out))
     except (ValueError, IndexError) as e:
