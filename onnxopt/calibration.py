@@ -17,7 +17,8 @@ What ``X`` may be
 
     Anything else is an error that lists the file's arrays. Labels, when present, are ``labels`` (rule 1) or
     ``calib_labels`` (rules 2-3); a held-out evaluation split, when present, is ``test_NAME`` (or ``test_input`` for a
-    single-input model) with ``test_labels``. Members are streamed from the zip file, never loaded whole.
+    single-input model) with ``test_labels``. Members are memory-mapped (``np.savez``) or streamed from the zip
+    (``np.savez_compressed``), never loaded whole.
 ``data.npy``
     One array for a single-input model, first axis = samples (memory-mapped).
 ``folder/``
@@ -50,6 +51,7 @@ import json
 import math
 import os
 import re
+import struct
 import sys
 import zipfile
 from dataclasses import dataclass, fields, replace
@@ -338,7 +340,31 @@ class _NpzMember:
         with zipfile.ZipFile(path) as z, z.open(key + ".npy") as f:
             self.shape, self.fortran, self.dtype = _read_npy_header(f)
 
+    def _memmap(self) -> np.ndarray | None:
+        """The member itself, memory-mapped, when it is stored uncompressed (``np.savez``): no copy, no read-ahead."""
+        with zipfile.ZipFile(self.path) as z:
+            info = z.getinfo(self.key + ".npy")
+        if info.compress_type != zipfile.ZIP_STORED or self.fortran or self.dtype.hasobject or not self.shape:
+            return None
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                return None
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            _read_npy_header(f)
+            offset = f.tell()
+        if offset + int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize > self.path.stat().st_size:
+            return None
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=offset, shape=self.shape)
+
     def chunks(self, rows: int) -> Iterator[np.ndarray]:
+        mapped = self._memmap()
+        if mapped is not None:
+            for i in range(0, self.shape[0], rows):
+                yield mapped[i:i + rows]
+            return
         if self.fortran or self.dtype.hasobject or not self.shape:
             with np.load(self.path, allow_pickle=False) as d:
                 arr = d[self.key]

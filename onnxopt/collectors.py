@@ -31,6 +31,7 @@ passes over the data, in groups that fit.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -509,21 +510,33 @@ def collect(
             names = [o.name for o in sess.get_outputs()]
             wants_offset = any(i.name == _OFFSET_INPUT for i in sess.get_inputs())
             batches = source.batches(batch_size) if hasattr(source, "batches") else iter(source)
-            for bi, feeds in enumerate(batches):
-                if wants_offset:
-                    feeds = dict(feeds)
-                    feeds[_OFFSET_INPUT] = np.array([bi * 7919 + 1], dtype=np.int64)
-                try:
-                    values = dict(zip(names, sess.run(names, feeds)))
-                except Exception as e:  # noqa: BLE001 - ORT raises its own types
-                    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise OnnxoptError(f"calibration: ONNX Runtime failed on batch {bi}: {msg}") from e
+
+            def update(values: dict[str, np.ndarray], group=group, outs=outs) -> None:
                 for t in group:
                     vname, mn, mx = outs[t]
                     lo = float(values[mn]) if mn else None
                     hi = float(values[mx]) if mx else None
                     collectors[t].update(values[vname], lo, hi)
-                bar.advance(_batch_len(feeds, source), f"group {gi + 1}/{len(the_plan.groups)}")
+
+            # The histograms of batch i are updated in a worker thread while ONNX Runtime (which releases the GIL)
+            # runs batch i + 1; one batch in flight at most, updates in order.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = None
+                for bi, feeds in enumerate(batches):
+                    if wants_offset:
+                        feeds = dict(feeds)
+                        feeds[_OFFSET_INPUT] = np.array([bi * 7919 + 1], dtype=np.int64)
+                    try:
+                        values = dict(zip(names, sess.run(names, feeds)))
+                    except Exception as e:  # noqa: BLE001 - ORT raises its own types
+                        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                        raise OnnxoptError(f"calibration: ONNX Runtime failed on batch {bi}: {msg}") from e
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(update, values)
+                    bar.advance(_batch_len(feeds, source), f"group {gi + 1}/{len(the_plan.groups)}")
+                if pending is not None:
+                    pending.result()
             del sess
     finally:
         bar.close()
