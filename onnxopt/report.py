@@ -86,12 +86,16 @@ def stats_lines(record: RunRecord) -> list[str]:
 def validation_table(validation: dict[str, Any]) -> Table:
     title = f"validation ({validation.get('mode', 'ONNX Runtime, optimizations off')})"
     table = Table(title=title, title_justify="left")
-    for col in ("output", "max abs", "max rel", "rel L2", "cosine", "SQNR dB", "NaN/Inf", "status"):
+    top1 = any(o.get("top1_agreement") is not None for o in validation["outputs"])
+    cols = ["output", "max abs", "max rel", "rel L2", "cosine", "SQNR dB", "NaN/Inf"] + (["top-1 agree"] if top1 else [])
+    for col in cols + ["status"]:
         table.add_column(col, justify="right" if col not in ("output", "status") else "left")
     for o in validation["outputs"]:
+        agree = o.get("top1_agreement")
         table.add_row(
             o["name"], f"{o['max_abs']:.3g}", f"{o['max_rel']:.3g}", f"{o['rel_l2']:.3g}", f"{o['cosine']:.6f}",
             "inf" if o["sqnr_db"] == math.inf else f"{o['sqnr_db']:.1f}", str(o["nonfinite_new"]),
+            *([f"{100 * agree:.2f}%" if agree is not None else "-"] if top1 else []),
             "ok" if o["ok"] else f"FAIL: {o['reason']}",
         )
     for k, v in validation.get("extra", {}).items():

@@ -97,19 +97,30 @@ def random_inputs(
 
 
 def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Inputs from an ``.npz`` whose keys are the graph's input names."""
-    p = Path(path)
+    """Inputs from an ``.npz`` whose keys are the graph's input names, or ``FILE.npz:KEY`` for a model with one input
+    (e.g. ``models/digits.npz:test_input``)."""
+    p, key = Path(path), None
+    if not p.is_file() and ":" in str(path):
+        head, _, key = str(path).rpartition(":")
+        p = Path(head)
     if not p.is_file():
         raise OptionsError(f"--inputs {p}: no such file")
     try:
         data = np.load(p, allow_pickle=False)
     except Exception as e:  # noqa: BLE001
         raise OptionsError(f"--inputs {p}: not a readable .npz ({e})") from e
-    names = [s.name for s in graph_inputs(model)]
+    specs = {s.name: s for s in graph_inputs(model)}
+    names = list(specs)
+    if key is not None:
+        if len(names) != 1:
+            raise OptionsError(f"--inputs {path}: FILE:KEY needs a model with one input; this one has {', '.join(names)}")
+        if key not in data.files:
+            raise OptionsError(f"--inputs {path}: no array {key!r}; has {', '.join(data.files)}")
+        return {names[0]: np.asarray(data[key]).astype(specs[names[0]].dtype, copy=False)}
     missing = [n for n in names if n not in data.files]
     if missing:
-        raise OptionsError(f"--inputs {p}: missing arrays for input(s) {', '.join(missing)}; has {', '.join(data.files)}")
-    specs = {s.name: s for s in graph_inputs(model)}
+        raise OptionsError(f"--inputs {p}: missing arrays for input(s) {', '.join(missing)}; has {', '.join(data.files)}"
+                           + (" (use FILE.npz:KEY to name the array)" if len(names) == 1 else ""))
     return {n: np.asarray(data[n]).astype(specs[n].dtype, copy=False) for n in names}
 
 
@@ -124,6 +135,7 @@ class OutputMetrics:
     sqnr_db: float
     nonfinite_new: int  # NaN/Inf in the new output where the reference is finite
     exact_match: bool
+    top1_agreement: float | None = None  # for [N, C] outputs with N > 1 and C > 1: share of rows with the same argmax
 
 
 def output_metrics(name: str, ref: np.ndarray, new: np.ndarray) -> OutputMetrics:
@@ -162,7 +174,10 @@ def output_metrics(name: str, ref: np.ndarray, new: np.ndarray) -> OutputMetrics
             cosine = float(np.dot(r, n) / (nr * nn))
         sqnr = math.inf if ne == 0 else (20 * math.log10(nr / ne) if nr > 0 and math.isfinite(ne) else -math.inf)
     exact = bool(max_abs == 0.0 and same_special and nonfinite_new == 0)
-    return OutputMetrics(name, ref.shape, max_abs, max_rel, rel_l2, cosine, sqnr, nonfinite_new, exact)
+    top1 = None
+    if ref.ndim == 2 and ref.shape[0] > 1 and ref.shape[1] > 1:
+        top1 = float(np.mean(ref.argmax(axis=1) == new.argmax(axis=1)))
+    return OutputMetrics(name, ref.shape, max_abs, max_rel, rel_l2, cosine, sqnr, nonfinite_new, exact, top1)
 
 
 @dataclass

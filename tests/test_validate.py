@@ -1,0 +1,76 @@
+"""Validation metrics, tolerances and inputs (onnxopt.validate)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from onnxopt import OptionsError, PreconditionError
+from onnxopt.validate import Tolerances, compare_outputs, load_inputs, output_metrics, parse_per_output, random_inputs
+from tests.helpers import relu_model
+
+
+def test_metrics_against_hand_values():
+    ref = np.array([[3.0, 4.0], [0.0, 1.0]], np.float32)
+    new = np.array([[3.0, 4.5], [0.0, 0.5]], np.float32)
+    m = output_metrics("y", ref, new)
+    assert m.max_abs == pytest.approx(0.5) and m.max_rel == pytest.approx(0.5)
+    nr, ne = math.sqrt(26), math.sqrt(0.5)
+    assert m.rel_l2 == pytest.approx(ne / nr)
+    assert m.sqnr_db == pytest.approx(20 * math.log10(nr / ne))
+    assert m.cosine == pytest.approx((9 + 18 + 0.5) / (nr * math.sqrt(9 + 20.25 + 0.25)))
+    assert m.top1_agreement == 1.0  # both rows keep their argmax (column 1)
+    assert not m.exact_match and m.nonfinite_new == 0
+
+
+def test_top1_agreement_counts_rows():
+    ref = np.array([[0, 1], [1, 0], [0, 1], [1, 0]], np.float32)
+    new = np.array([[0, 1], [0, 1], [0, 1], [1, 0]], np.float32)
+    assert output_metrics("logits", ref, new).top1_agreement == 0.75
+    assert output_metrics("vec", ref[0], new[0]).top1_agreement is None  # not [N, C]
+
+
+def test_new_nan_fails_even_report_only():
+    ref = np.ones((4,), np.float32)
+    new = ref.copy()
+    new[2] = np.nan
+    cmp = compare_outputs({"y": ref}, {"y": new}, Tolerances.for_kind("lossy"))
+    assert not cmp.ok and "1 new NaN/Inf" in cmp.outputs[0].reason
+
+
+def test_per_output_tolerances():
+    ref = {"a": np.zeros(3, np.float32), "b": np.zeros(3, np.float32)}
+    new = {"a": np.full(3, 1e-3, np.float32), "b": np.full(3, 1e-3, np.float32)}
+    tol = Tolerances(atol=1e-4, rtol=0, per_output_atol={"b": 1e-2})
+    cmp = compare_outputs(ref, new, tol)
+    assert [o.ok for o in cmp.outputs] == [False, True]
+    assert parse_per_output(["1e-4", "logits=1e-3"], "--atol") == (1e-4, {"logits": 1e-3})
+    with pytest.raises(OptionsError, match="bad --atol"):
+        parse_per_output(["x=abc"], "--atol")
+
+
+def test_random_inputs_batch_default_and_refusal():
+    m = relu_model(shape=(2, 3), dynamic_batch=True)
+    feeds = random_inputs(m, seed=3)
+    assert feeds["x"].shape == (1, 3) and feeds["x"].dtype == np.float32
+    np.testing.assert_array_equal(feeds["x"], random_inputs(m, seed=3)["x"])
+    assert random_inputs(m, {"x": (5, 3)})["x"].shape == (5, 3)
+    with pytest.raises(PreconditionError, match="dynamic input dims"):
+        random_inputs(m, default_batch=None)
+    with pytest.raises(OptionsError, match="dim 1 is fixed to 3"):
+        random_inputs(m, {"x": (5, 4)})
+
+
+def test_load_inputs_by_name_or_key(tmp_path):
+    m = relu_model(shape=(2, 3), dynamic_batch=True)
+    data = np.arange(12, dtype=np.float64).reshape(4, 3)
+    np.savez(tmp_path / "f.npz", x=data, other=data * 2)
+    np.testing.assert_array_equal(load_inputs(tmp_path / "f.npz", m)["x"], data.astype(np.float32))
+    np.testing.assert_array_equal(load_inputs(f"{tmp_path / 'f.npz'}:other", m)["x"], (data * 2).astype(np.float32))
+    with pytest.raises(OptionsError, match="no array 'nope'"):
+        load_inputs(f"{tmp_path / 'f.npz'}:nope", m)
+    np.savez(tmp_path / "g.npz", y=data)
+    with pytest.raises(OptionsError, match="missing arrays for input\\(s\\) x; has y \\(use FILE.npz:KEY"):
+        load_inputs(tmp_path / "g.npz", m)
