@@ -309,8 +309,20 @@ class ChannelGraph:
             lay = self.lay(t)
             if lay is not None:
                 self.fix(lay.elems, key, detail)
+        self.unknown_outputs(node)
+
+    def unknown_outputs(self, node: gs.Node) -> None:
+        """The values of ``node``'s outputs are not followed (value propagation treats them as unknown)."""
         for t in node.outputs:
             self.flow.append(("unknown", t.name))
+
+    def tracked_input(self, node: gs.Node) -> Layout | None:
+        """The layout of ``node``'s first input; None when it carries no tracked channels (its outputs are then
+        untracked: :meth:`unknown_outputs`)."""
+        lay = self.lay(node.inputs[0])
+        if lay is None:
+            self.unknown_outputs(node)
+        return lay
 
     @staticmethod
     def _names_used_in_subgraphs(graph: gs.Graph) -> set[str]:
@@ -361,8 +373,7 @@ class ChannelGraph:
         elif tracked:
             self.opaque(node, f"unsupported_{_key(op)}", f"{self._where(node)} uses the channel axis (not supported)")
         else:
-            for t in node.outputs:
-                self.flow.append(("unknown", t.name))
+            self.unknown_outputs(node)
         for t in node.outputs:
             if t.name in self._subgraph_names and t.name in self.layouts:
                 self.fix(self.layouts[t.name].elems, "used_in_subgraph", f"{t.name!r} is read inside a subgraph")
@@ -531,8 +542,7 @@ class ChannelGraph:
             self.opaque(node, "tracked_parameter", f"{self._where(node)} takes a channel tensor as a parameter")
             return
         if lay is None:
-            for t in node.outputs:
-                self.flow.append(("unknown", t.name))
+            self.unknown_outputs(node)
             return
         if node.op == "Clip" and len(node.inputs) > 1:
             for t in node.inputs[1:3]:
@@ -548,9 +558,8 @@ class ChannelGraph:
             self.flow.append(("unknown", t.name))
 
     def _h_BatchNormalization(self, node: gs.Node) -> None:
-        lay = self.lay(node.inputs[0])
+        lay = self.tracked_input(node)
         if lay is None:
-            self.flow.append(("unknown", node.outputs[0].name))
             return
         where = self._where(node)
         params = [const_value(t) for t in node.inputs[1:5]]
@@ -573,9 +582,8 @@ class ChannelGraph:
         self.bns.append((node, node.inputs[0].name))
 
     def _h_InstanceNormalization(self, node: gs.Node) -> None:
-        lay = self.lay(node.inputs[0])
+        lay = self.tracked_input(node)
         if lay is None:
-            self.flow.append(("unknown", node.outputs[0].name))
             return
         if lay.axis != 1 or any(const_value(t) is None for t in node.inputs[1:3]):
             self.opaque(node, "instance_norm", f"{self._where(node)}: unsupported parameters or axis")
@@ -587,10 +595,8 @@ class ChannelGraph:
         self.flow.append(("instnorm", node.outputs[0].name, node.inputs[0].name, scale, bias))
 
     def _h_LayerNormalization(self, node: gs.Node) -> None:
-        lay = self.lay(node.inputs[0])
+        lay = self.tracked_input(node)
         if lay is None:
-            for t in node.outputs:
-                self.flow.append(("unknown", t.name))
             return
         r = self.rank(node.inputs[0])
         axis = int(_attr(node, "axis", -1))
@@ -602,10 +608,8 @@ class ChannelGraph:
         self.flow.append(("unknown", node.outputs[0].name))
 
     def _h_pool(self, node: gs.Node) -> None:
-        lay = self.lay(node.inputs[0])
+        lay = self.tracked_input(node)
         if lay is None:
-            for t in node.outputs:
-                self.flow.append(("unknown", t.name))
             return
         if lay.axis != 1:
             self.opaque(node, "channel_axis_mismatch", f"{self._where(node)} pools NCHW, tracked axis {lay.axis}")
@@ -628,9 +632,8 @@ class ChannelGraph:
 
     def _h_Pad(self, node: gs.Node) -> None:
         x = node.inputs[0]
-        lay = self.lay(x)
+        lay = self.tracked_input(node)
         if lay is None:
-            self.flow.append(("unknown", node.outputs[0].name))
             return
         where = self._where(node)
         r = self.rank(x)
@@ -669,11 +672,9 @@ class ChannelGraph:
             self.flow.append(("same", node.outputs[0].name, x.name, "mean"))
 
     def _h_Resize(self, node: gs.Node) -> None:
-        x = node.inputs[0]
-        lay = self.lay(x)
-        out = node.outputs[0]
+        x, out = node.inputs[0], node.outputs[0]
+        lay = self.tracked_input(node)
         if lay is None:
-            self.flow.append(("unknown", out.name))
             return
         where = self._where(node)
         r = self.rank(x)
@@ -866,10 +867,8 @@ class ChannelGraph:
 
     def _h_Split(self, node: gs.Node) -> None:
         x = node.inputs[0]
-        lay = self.lay(x)
+        lay = self.tracked_input(node)
         if lay is None:
-            for t in node.outputs:
-                self.flow.append(("unknown", t.name))
             return
         where = self._where(node)
         r = self.rank(x)
@@ -894,11 +893,9 @@ class ChannelGraph:
         self.actions.append(lambda s, node=node: s.split(node))
 
     def _h_Slice(self, node: gs.Node) -> None:
-        x = node.inputs[0]
-        lay = self.lay(x)
-        out = node.outputs[0]
+        x, out = node.inputs[0], node.outputs[0]
+        lay = self.tracked_input(node)
         if lay is None:
-            self.flow.append(("unknown", out.name))
             return
         where = self._where(node)
         r = self.rank(x)
@@ -973,9 +970,8 @@ class ChannelGraph:
 
     def _reshape_like(self, node: gs.Node, rewrite_shape: bool) -> None:
         x, out = node.inputs[0], node.outputs[0]
-        lay = self.lay(x)
+        lay = self.tracked_input(node)
         if lay is None:
-            self.flow.append(("unknown", out.name))
             return
         where = self._where(node)
         s_in, s_out = self.shape(x), self.shape(out)
@@ -1013,9 +1009,8 @@ class ChannelGraph:
 
     def _h_Transpose(self, node: gs.Node) -> None:
         x, out = node.inputs[0], node.outputs[0]
-        lay = self.lay(x)
+        lay = self.tracked_input(node)
         if lay is None:
-            self.flow.append(("unknown", out.name))
             return
         r = self.rank(x)
         perm = _attr(node, "perm")
@@ -1028,9 +1023,8 @@ class ChannelGraph:
 
     def _h_softmax(self, node: gs.Node) -> None:
         x, out = node.inputs[0], node.outputs[0]
-        lay = self.lay(x)
+        lay = self.tracked_input(node)
         if lay is None:
-            self.flow.append(("unknown", out.name))
             return
         r = self.rank(x)
         opset = self.graph.opset or 13
@@ -1045,9 +1039,8 @@ class ChannelGraph:
 
     def _h_reduce(self, node: gs.Node) -> None:
         x, out = node.inputs[0], node.outputs[0]
-        lay = self.lay(x)
+        lay = self.tracked_input(node)
         if lay is None:
-            self.flow.append(("unknown", out.name))
             return
         where = self._where(node)
         r = self.rank(x)
@@ -1520,6 +1513,17 @@ class Surgery:
 # ================================================================================================ value propagation
 
 
+def _depthwise_terms(layer: Layer) -> tuple[np.ndarray, int, np.ndarray]:
+    """A depthwise layer's weight as [out channels, taps] (float64), its channel multiplier, and its bias (zeros when
+    it has none)."""
+    c = layer.out_channels
+    w = np.asarray(layer.weight, dtype=np.float64).reshape(c, -1)
+    bias = np.zeros(c)
+    if layer.bias_index is not None:
+        bias = np.asarray(const_value(layer.node.inputs[layer.bias_index]), dtype=np.float64).reshape(-1)
+    return w, c // max(1, layer.in_channels), bias
+
+
 class _ConstAlgebra:
     """Values are exact constants per channel position (NaN = not a known constant)."""
 
@@ -1565,14 +1569,10 @@ class _ConstAlgebra:
         return x
 
     def dwconv(self, x, layer: Layer, tol: float):
-        w = np.asarray(layer.weight, dtype=np.float64)
+        w, m, bias = _depthwise_terms(layer)
         c = layer.out_channels
-        m = c // max(1, layer.in_channels)
-        wsum = w.reshape(c, -1).sum(axis=1)
-        dead = np.max(np.abs(w.reshape(c, -1)), axis=1) <= tol
-        bias = np.zeros(c)
-        if layer.bias_index is not None:
-            bias = np.asarray(const_value(layer.node.inputs[layer.bias_index]), dtype=np.float64).reshape(-1)
+        wsum = w.sum(axis=1)
+        dead = np.max(np.abs(w), axis=1) <= tol
         xin = np.repeat(x, m) if x is not None else np.full(c, np.nan)
         ok = layer.exact_fold | (xin == 0)
         out = np.where(ok, xin * wsum + bias, np.nan)
@@ -1649,13 +1649,9 @@ class _GaussAlgebra:
         return x
 
     def dwconv(self, x, layer: Layer, tol: float):
-        w = np.asarray(layer.weight, dtype=np.float64)
+        w, m, bias = _depthwise_terms(layer)
         c = layer.out_channels
-        m = c // max(1, layer.in_channels)
-        wsum = w.reshape(c, -1).sum(axis=1)
-        bias = np.zeros(c)
-        if layer.bias_index is not None:
-            bias = np.asarray(const_value(layer.node.inputs[layer.bias_index]), dtype=np.float64).reshape(-1)
+        wsum = w.sum(axis=1)
         if x is None:
             return self.unknown(c)
         mu = np.repeat(x[0], m)
