@@ -71,15 +71,21 @@ def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if len(tensor.inputs) == 1 else None
 
 
+def fresh_name(base: str, taken: set[str]) -> str:
+    """``base``, or else the first of ``base_1``, ``base_2``, ... not in ``taken``; the name is added to ``taken``.
+    For any set of used names (a graphsurgeon graph's: :func:`unique_name`; an ONNX proto's: build the set)."""
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
 def unique_name(graph: gs.Graph, base: str, taken: set[str] | None = None) -> str:
     """A tensor/node name not used in ``graph`` (and not in ``taken``), derived from ``base``."""
     used = taken if taken is not None else set(graph.tensors().keys()) | {n.name for n in graph.nodes}
-    name, i = base, 0
-    while name in used:
-        i += 1
-        name = f"{base}_{i}"
-    used.add(name)
-    return name
+    return fresh_name(base, used)
 
 
 def _attr_key(value: Any) -> Any:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.graphutil import const_value, unique_name
+from onnxopt.graphutil import const_value, fresh_name, unique_name
 from onnxopt.pruning import ChannelGraph, Layer, _attr
 
 
@@ -294,10 +294,4 @@ def lstsq_refit(
 def _name(old: gs.Tensor, taken: set[str]) -> str:
     if isinstance(old, gs.Constant) and len(old.outputs) == 1:
         return old.name
-    base = old.name or "refit"
-    name, i = f"{base}_refit", 0
-    while name in taken:
-        i += 1
-        name = f"{base}_refit_{i}"
-    taken.add(name)
-    return name
+    return fresh_name(f"{old.name or 'refit'}_refit", taken)

@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.errors import OptionsError, PreconditionError
+from onnxopt.graphutil import fresh_name
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 from onnxopt.pruning import ResidualBranch, find_residual_branches, match_any
 
@@ -166,25 +167,17 @@ def _gated(model: onnx.ModelProto, branches: list[ResidualBranch]) -> tuple[onnx
     taken = {n.name for n in g.node} | {t.name for t in g.initializer} | {vi.name for vi in g.input}
     taken |= {o for n in g.node for o in n.output}
 
-    def fresh(base: str) -> str:
-        name, i = base, 0
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
-        taken.add(name)
-        return name
-
     by_name = {n.name: n for n in g.node}
     gates = []
     new_nodes: dict[str, onnx.NodeProto] = {}
     for b in branches:
         dtype = b.branch_out.dtype if b.branch_out.dtype is not None else np.float32
-        gate = fresh(f"{b.add.name}_gate")
+        gate = fresh_name(f"{b.add.name}_gate", taken)
         g.input.append(onnx.helper.make_tensor_value_info(gate, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
                                                           []))
-        gated = fresh(f"{b.branch_out.name}_gated")
+        gated = fresh_name(f"{b.branch_out.name}_gated", taken)
         new_nodes[b.add.name] = onnx.helper.make_node("Mul", [b.branch_out.name, gate], [gated],
-                                                      name=fresh(f"{b.add.name}_gate_mul"))
+                                                      name=fresh_name(f"{b.add.name}_gate_mul", taken))
         add = by_name[b.add.name]
         for i, name in enumerate(add.input):
             if name == b.branch_out.name:
