@@ -107,13 +107,39 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else text
 
 
-def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model with its external data, checking it on the way. Raises :class:`ModelLoadError`."""
+def model_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, if it names an existing file; else a :class:`ModelLoadError` (no such file, a folder)."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file")
     if p.is_dir():
         raise ModelLoadError(f"{p}: is a folder, not an ONNX file")
+    return p
+
+
+def parse_error(p: Path, data, e: BaseException) -> ModelLoadError:
+    """The error for a file whose bytes (``data``) do not parse. Every ONNX file starts with field 1 (ir_version,
+    varint): tag byte 0x08. A file that starts like one but does not parse was cut short or damaged; anything else is
+    not an ONNX file at all."""
+    reason = "truncated or corrupt ONNX protobuf" if data[:1] == b"\x08" else "not an ONNX protobuf"
+    return ModelLoadError(f"{p}: {reason} ({_first_line(e)})")
+
+
+def check_parsed(model: onnx.ModelProto, p: Path) -> bool:
+    """What every model read from ``p`` must pass before use: an IR version and a graph, a supported opset, external
+    data locations inside the model's folder. Returns whether the model has external data."""
+    if model.ir_version <= 0 or not model.HasField("graph"):
+        raise ModelLoadError(f"{p}: not an ONNX model (no IR version or no graph)")
+    check_opset(model)
+    external = has_external_data(model)
+    if external:
+        _check_external_locations(model, p.parent)
+    return external
+
+
+def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model with its external data, checking it on the way. Raises :class:`ModelLoadError`."""
+    p = model_file(path)
     try:
         with open(p, "rb") as f:
             data = f.read()
@@ -125,19 +151,10 @@ def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
     try:
         model.ParseFromString(data)
     except DecodeError as e:
-        # Every ONNX file starts with field 1 (ir_version, varint): tag byte 0x08. A file that starts like one but does
-        # not parse was cut short or damaged; anything else is not an ONNX file at all.
-        reason = "truncated or corrupt ONNX protobuf" if data[:1] == b"\x08" else "not an ONNX protobuf"
-        raise ModelLoadError(f"{p}: {reason} ({_first_line(e)})") from e
+        raise parse_error(p, data, e) from e
     except Exception as e:  # noqa: BLE001 - protobuf raises several types on garbage
         raise ModelLoadError(f"{p}: not an ONNX protobuf ({_first_line(e)})") from e
-    if model.ir_version <= 0 or not model.HasField("graph"):
-        raise ModelLoadError(f"{p}: not an ONNX model (no IR version or no graph)")
-    check_opset(model)
-    base = p.parent
-    external = has_external_data(model)
-    if external:
-        _check_external_locations(model, base)
+    external = check_parsed(model, p)
     if check:
         try:
             # With external data, by path: checks the data where it lies and works for models over 2 GB.
@@ -148,7 +165,7 @@ def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
     del data
     if external:
         try:
-            external_data_helper.load_external_data_for_model(model, str(base))
+            external_data_helper.load_external_data_for_model(model, str(p.parent))
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"{p}: cannot load external data: {_first_line(e)}") from e
     return model

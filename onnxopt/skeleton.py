@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxopt.errors import ModelLoadError
-from onnxopt.model import len_field
+from onnxopt.model import _iter_tensors, check_parsed, len_field, model_file, parse_error
 
 #: Tensors with more elements than this are replaced by typed graph inputs in the skeleton.
 STRIP_ELEMENTS = 1024
@@ -370,13 +370,8 @@ def read_structure(path) -> tuple[onnx.ModelProto, dict[str, tuple[str, int]]]:
     analysis of a 100 MB model starts in milliseconds. Raises :class:`ModelLoadError` for files that are not ONNX.
     """
     import mmap
-    from pathlib import Path
 
-    p = Path(path)
-    if not p.exists():
-        raise ModelLoadError(f"{p}: no such file")
-    if p.is_dir():
-        raise ModelLoadError(f"{p}: is a folder, not an ONNX file")
+    p = model_file(path)
     try:
         with open(p, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
@@ -404,24 +399,13 @@ def read_structure(path) -> tuple[onnx.ModelProto, dict[str, tuple[str, int]]]:
             out += _field(7, bytes(graph))
         model = onnx.ModelProto()
         model.ParseFromString(bytes(out))
-    except (ValueError, IndexError) as e:
-        reason = "truncated or corrupt ONNX protobuf" if buf[:1] == b"\x08" else "not an ONNX protobuf"
-        raise ModelLoadError(f"{p}: {reason} ({e})") from e
-    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and others on garbage
-        reason = "truncated or corrupt ONNX protobuf" if buf[:1] == b"\x08" else "not an ONNX protobuf"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"{p}: {reason} ({first})") from e
+    except Exception as e:  # noqa: BLE001 - the wire walk raises ValueError/IndexError, protobuf DecodeError and others
+        raise parse_error(p, buf, e) from e
     finally:
         buf.close()
-    if model.ir_version <= 0 or not model.HasField("graph"):
-        raise ModelLoadError(f"{p}: not an ONNX model (no IR version or no graph)")
-    from onnx import external_data_helper
+    if check_parsed(model, p):
+        from onnx import external_data_helper
 
-    from onnxopt.model import _check_external_locations, _iter_tensors, check_opset, has_external_data
-
-    check_opset(model)
-    if has_external_data(model):
-        _check_external_locations(model, p.parent)
         # External tensors the skeleton keeps (small ones, integer ones: their values may define shapes) are loaded;
         # the large ones stay where they are (the skeleton replaces them by typed inputs).
         for t in _iter_tensors(model):
