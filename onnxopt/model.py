@@ -217,18 +217,23 @@ def model_to_graph(model: onnx.ModelProto) -> gs.Graph:
     return gs.import_onnx(model)
 
 
+#: The model-level fields a rewritten model keeps from the original (with its metadata_props).
+_HEADER_FIELDS = ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string")
+
+
+def _copy_header(src: onnx.ModelProto, dst: onnx.ModelProto) -> None:
+    """Set ``dst``'s header fields and metadata to ``src``'s."""
+    for field in _HEADER_FIELDS:
+        setattr(dst, field, getattr(src, field))
+    del dst.metadata_props[:]
+    dst.metadata_props.extend(src.metadata_props)
+
+
 def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """Export a graphsurgeon graph, keeping the header (IR version, producer, metadata, doc) of ``template``."""
     model = gs.export_onnx(graph, do_type_check=False)
     if template is not None:
-        model.ir_version = template.ir_version
-        model.producer_name = template.producer_name
-        model.producer_version = template.producer_version
-        model.domain = template.domain
-        model.model_version = template.model_version
-        model.doc_string = template.doc_string
-        del model.metadata_props[:]
-        model.metadata_props.extend(template.metadata_props)
+        _copy_header(template, model)
         # Keep opsets the template imports but graphsurgeon dropped (it only lists those used).
         have = {imp.domain for imp in model.opset_import}
         for imp in template.opset_import:
@@ -252,13 +257,7 @@ def _initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> No
 def header_of(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of the model without its graph: what :func:`graph_to_model` needs as a template."""
     header = onnx.ModelProto()
-    header.ir_version = model.ir_version
-    header.producer_name = model.producer_name
-    header.producer_version = model.producer_version
-    header.domain = model.domain
-    header.model_version = model.model_version
-    header.doc_string = model.doc_string
-    header.metadata_props.extend(model.metadata_props)
+    _copy_header(model, header)
     header.opset_import.extend(model.opset_import)
     inits = {t.name for t in model.graph.initializer}
     header.graph.input.extend(vi for vi in model.graph.input if vi.name in inits)  # initializers listed as inputs
