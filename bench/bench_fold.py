@@ -11,26 +11,13 @@ separately and its result (rel L2 against the original) is printed.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _common import median_time, resnet50_file
 
 
 def count(model_path: Path, op: str) -> int:
@@ -43,12 +30,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import onnxopt
-    from models.zoo import build_resnet50
     from onnxopt.validate import output_metrics, random_inputs, run, session
 
-    work = Path(tempfile.mkdtemp(prefix="bench_fold_"))
-    src = work / "resnet50.onnx"
-    onnx.save_model(build_resnet50(), str(src))
+    src = resnet50_file("bench_fold_")
+    work = src.parent
     print(f"model: zoo ResNet-50, {src.stat().st_size / 2**20:.1f} MiB, {count(src, 'BatchNormalization')} BN, "
           f"{count(src, 'Conv')} Conv, {len(onnx.load(str(src)).graph.node)} nodes")
 

@@ -22,20 +22,8 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import onnx
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+from _common import ROOT, resnet50_file, timed
 
 
 def interleaved(a, b, repeats: int) -> tuple[list[float], list[float]]:
@@ -64,11 +52,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
 
-    from models.zoo import build_resnet50
-
-    work = Path(tempfile.mkdtemp(prefix="bench_mac_"))
-    src = work / "resnet50.onnx"
-    onnx.save_model(build_resnet50(batch=1, height=224, width=224, seed=0), str(src))
+    src = resnet50_file("bench_mac_")
     print(f"model: zoo ResNet-50 1x3x224x224, {src.stat().st_size / 2**20:.1f} MiB; {args.repeats} repetitions; "
           f"load average at start {os.getloadavg()[0]:.1f}")
 

@@ -20,24 +20,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _common import ROOT, median_time, resnet50_file
 
 
 def ort_session(model, threads: int):
@@ -52,13 +39,11 @@ def ort_session(model, threads: int):
 
 def bench_resnet50(repeats: int, threads: int, runs: int) -> dict:
     import onnxopt
-    from models.zoo import build_resnet50
     from onnxopt.pass_base import PassContext
     from onnxopt.pass_manager import PassManager
 
-    work = Path(tempfile.mkdtemp(prefix="bench_prune_"))
-    src = work / "resnet50.onnx"
-    onnxopt.save(build_resnet50(1, 224, 224), src)
+    src = resnet50_file("bench_prune_")
+    work = src.parent
 
     def load_save():
         onnxopt.save(onnxopt.load(src), work / "copy.onnx")
