@@ -7,6 +7,32 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
+def vi(name, shape, elem=TensorProto.FLOAT) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def init(name, array) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+def make_model(nodes, inputs, outputs, inits=(), opset=17, name="g") -> onnx.ModelProto:
+    """A checked model of ``nodes`` (default-domain opset ``opset``; IR version 8, or 10 above opset 17).
+
+    When a graph output is given without a shape (``vi(name, None)``), the outputs get the shapes strict shape
+    inference gives; intermediate value_info is not kept (real exports rarely carry it, and passes must not depend on
+    it).
+    """
+    g = helper.make_graph(nodes, name, inputs, outputs, list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8 if opset <= 17 else 10
+    if any(not o.type.tensor_type.HasField("shape") for o in m.graph.output):
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True)
+        m.graph.ClearField("output")
+        m.graph.output.extend(inferred.graph.output)
+    onnx.checker.check_model(m)
+    return m
+
+
 def conv_bn_relu_model(seed: int = 0, opset: int = 17, channels: int = 4) -> onnx.ModelProto:
     """x[1,3,8,8] -> Conv(3->C, 3x3, pad 1) -> BatchNormalization -> Relu -> y."""
     rng = np.random.default_rng(seed)

@@ -8,39 +8,18 @@ import math
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnxopt.analysis import analyze, einsum_macs, matmul_macs, summarize
 from onnxopt.errors import OptionsError, PreconditionError
 from onnxopt.pass_base import PassContext
 from onnxopt.shapes import value_shapes
 from onnxopt.skeleton import Skeleton, typed_shapes
+from tests.helpers import init, make_model, vi
 
-F32 = TensorProto.FLOAT
 
 
 # -- builders -------------------------------------------------------------------------------------------------------
-
-def vi(name, shape, elem=F32):
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def init(name, array):
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
-
-
-def make_model(nodes, inputs, outputs, inits=(), opset=17):
-    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8 if opset <= 17 else 10
-    if any(not o.type.tensor_type.HasField("shape") for o in m.graph.output):
-        # outputs given without a shape get the inferred one (the checker requires a shape on graph outputs)
-        inferred = onnx.shape_inference.infer_shapes(m)
-        m.graph.ClearField("output")
-        m.graph.output.extend(inferred.graph.output)
-    onnx.checker.check_model(m)
-    return m
-
 
 def rand(rng, *shape):
     return rng.standard_normal(shape).astype(np.float32)

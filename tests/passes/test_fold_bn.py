@@ -17,6 +17,7 @@ from onnxopt.pass_base import PassContext
 from onnxopt.pass_manager import PassManager
 from onnxopt.passes.fold_bn import FoldBatchNorm
 from onnxopt.validate import output_metrics, run
+from tests.helpers import init, make_model, vi
 
 ROOT = Path(__file__).resolve().parents[2]
 F32 = TensorProto.FLOAT
@@ -24,28 +25,6 @@ RTOL = ATOL = 1e-5
 
 
 # -- builders -------------------------------------------------------------------------------------------------------
-
-def vi(name, shape, elem=F32):
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def init(name, array):
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
-
-
-def make_model(nodes, inputs, outputs, inits=(), opset=17):
-    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    if any(not o.type.tensor_type.HasField("shape") for o in m.graph.output):
-        # outputs given without a shape get the inferred one; intermediate value_info is dropped again
-        # (real exports rarely carry it, and the pass must not depend on it)
-        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True)
-        m.graph.ClearField("output")
-        m.graph.output.extend(inferred.graph.output)
-    onnx.checker.check_model(m)
-    return m
-
 
 def weight(rng, shape, fan_in):
     """Normal weights scaled by 1/sqrt(fan_in), so activations stay O(1) and float32 rounding stays ~1e-7."""

@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from onnxopt import create_pass
 from onnxopt.errors import OptionsError
@@ -16,8 +15,7 @@ from onnxopt.model import check_model
 from onnxopt.pass_base import PassContext
 from onnxopt.pass_manager import PassManager
 from onnxopt.validate import random_inputs, run
-
-F32 = TensorProto.FLOAT
+from tests.helpers import init, make_model, vi
 
 
 def build(weights, blocks=("b1", "b2"), output_is_add=False):
@@ -26,7 +24,7 @@ def build(weights, blocks=("b1", "b2"), output_is_add=False):
     nodes, inits = [], []
 
     def const(name, a):
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(a), name))
+        inits.append(init(name, a))
         return name
 
     def op(kind, ins, name, **attrs):
@@ -54,15 +52,7 @@ def build(weights, blocks=("b1", "b2"), output_is_add=False):
         s = conv("p.ds", y, stride=2, k=1)
         y = op("Relu", [op("Add", [f, s], "p.add")], "p.r")
         outputs = [conv("head", y, k=1)]
-    g = helper.make_graph(nodes, "blocks", [helper.make_tensor_value_info("x", F32, [2, 3, 8, 8])],
-                          [helper.make_tensor_value_info(o, F32, None) for o in outputs], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True)
-    m.graph.ClearField("output")
-    m.graph.output.extend(inferred.graph.output)
-    onnx.checker.check_model(m)
-    return m
+    return make_model(nodes, [vi("x", [2, 3, 8, 8])], [vi(o, None) for o in outputs], inits, name="blocks")
 
 
 def weights(weak="b2"):

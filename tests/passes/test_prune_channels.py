@@ -25,6 +25,7 @@ from onnxopt.pass_base import PassContext
 from onnxopt.pass_manager import PassManager
 from onnxopt.shapes import infer_shapes, value_shapes
 from onnxopt.validate import output_metrics, random_inputs, run
+from tests.helpers import init, make_model, vi
 
 F32 = TensorProto.FLOAT
 
@@ -38,7 +39,7 @@ class Net:
         self.nodes, self.inits, self.x_shape, self.opset = [], [], x_shape, opset
 
     def const(self, name, array):
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(init(name, array))
         return name
 
     def op(self, op, inputs, name, n_out=1, **attrs):
@@ -60,15 +61,8 @@ class Net:
         return self.op("BatchNormalization", ins, name)
 
     def model(self, outputs):
-        g = helper.make_graph(self.nodes, "net", [helper.make_tensor_value_info("x", F32, list(self.x_shape))],
-                              [helper.make_tensor_value_info(o, F32, None) for o in outputs], self.inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
-        m.ir_version = 8
-        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True)
-        m.graph.ClearField("output")
-        m.graph.output.extend(inferred.graph.output)
-        onnx.checker.check_model(m)
-        return m
+        return make_model(self.nodes, [vi("x", list(self.x_shape))], [vi(o, None) for o in outputs], self.inits,
+                          self.opset, name="net")
 
 
 def conv_w(rng, out, inp, k=3):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxopt.analysis import analyze, summarize
 from onnxopt.errors import OptionsError, PreconditionError
@@ -16,32 +16,13 @@ from onnxopt.passes.set_input_shape import SetInputShape
 from onnxopt.pipeline import from_specs, from_toml
 from onnxopt.registry import load_registry
 from onnxopt.validate import run, session
+from tests.helpers import init, make_model, vi
 
-F32 = TensorProto.FLOAT
 INT64_MAX = np.iinfo(np.int64).max
-
-
-def vi(name, shape, elem=F32):
-    return helper.make_tensor_value_info(name, elem, shape)
-
-
-def init(name, array):
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
 
 def i64(*values):
     return np.array(values, dtype=np.int64)
-
-
-def make_model(nodes, inputs, outputs, inits=(), opset=17):
-    g = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
-    m.ir_version = 8
-    inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True)
-    m.graph.ClearField("output")
-    m.graph.output.extend(inferred.graph.output)
-    onnx.checker.check_model(m)
-    return m
 
 
 def apply(model, shapes, ctx=None):
