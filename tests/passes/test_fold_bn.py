@@ -45,6 +45,17 @@ def bn_arrays(rng, c, *, prefix="bn", dtype=np.float32, negative=False):
     return [init(k, v.astype(dtype)) for k, v in arrays.items()]
 
 
+def layer_bn_params(rng, w, c, bias):
+    """Initializers of a layer with weight ``w`` (and a random bias when ``bias``) followed by a BN over ``c``
+    channels, and the layer's inputs: ["x", "w"] or ["x", "w", "b"]."""
+    inits = [init("w", w)] + bn_arrays(rng, c)
+    ins = ["x", "w"]
+    if bias:
+        inits.append(init("b", rng.standard_normal(c).astype(np.float32)))
+        ins.append("b")
+    return inits, ins
+
+
 def bn_factors64(model, prefix="bn", eps=1e-5):
     """(gamma / sqrt(var + eps), beta - mean * that) in float64, from the model's BN initializers."""
     a = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
@@ -132,11 +143,7 @@ def conv_bn_model(rng, *, dims=2, group=1, dilation=1, bias=True, cin=4, cout=6,
                   bn_attrs=None, stride=1):
     spatial = [7, 6, 5][:dims]
     w = weight(rng, (cout, cin // group) + (3,) * dims, cin // group * 3**dims)
-    inits = [init("w", w)] + bn_arrays(rng, cout)
-    conv_in = ["x", "w"]
-    if bias:
-        inits.append(init("b", rng.standard_normal(cout).astype(np.float32)))
-        conv_in.append("b")
+    inits, conv_in = layer_bn_params(rng, w, cout, bias)
     nodes = [
         helper.make_node("Conv", conv_in, ["c"], name="conv", group=group, dilations=[dilation] * dims,
                          pads=[1] * 2 * dims, strides=[stride] * dims),
@@ -269,11 +276,7 @@ def test_conv_transpose(group, bias, stride, output_padding):
     rng = np.random.default_rng(group * 10 + bias + stride)
     cin, cout = 4, 6
     w = weight(rng, (cin, cout // group, 3, 3), cin // group * 9)
-    inits = [init("w", w)] + bn_arrays(rng, cout)
-    ins = ["x", "w"]
-    if bias:
-        inits.append(init("b", rng.standard_normal(cout).astype(np.float32)))
-        ins.append("b")
+    inits, ins = layer_bn_params(rng, w, cout, bias)
     nodes = [
         helper.make_node("ConvTranspose", ins, ["c"], name="deconv", group=group, strides=[stride, stride],
                          pads=[1, 1, 1, 1], output_padding=[output_padding] * 2),
