@@ -23,6 +23,7 @@ fixed class is never removed, so the graph inputs and outputs keep their shapes.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import re
 from collections import Counter, defaultdict
@@ -231,6 +232,22 @@ class Group:
         return len(self.fixed) < len(self.classes)
 
 
+def _tracked_input_handler(handler: Callable) -> Callable:
+    """For a :class:`ChannelGraph` handler that follows the channels of its node's first input: it is called as
+    ``handler(self, node, layout_of_that_input, ...)`` only when that input is tracked; otherwise the node's outputs
+    are left untracked (:meth:`ChannelGraph.unknown_outputs`)."""
+
+    @functools.wraps(handler)
+    def handle(self: ChannelGraph, node: gs.Node, *args: Any, **kwargs: Any) -> None:
+        lay = self.lay(node.inputs[0])
+        if lay is None:
+            self.unknown_outputs(node)
+        else:
+            handler(self, node, lay, *args, **kwargs)
+
+    return handle
+
+
 class ChannelGraph:
     """Dependency analysis of a graph's channel axes (see the module docstring).
 
@@ -315,14 +332,6 @@ class ChannelGraph:
         """The values of ``node``'s outputs are not followed (value propagation treats them as unknown)."""
         for t in node.outputs:
             self.flow.append(("unknown", t.name))
-
-    def tracked_input(self, node: gs.Node) -> Layout | None:
-        """The layout of ``node``'s first input; None when it carries no tracked channels (its outputs are then
-        untracked: :meth:`unknown_outputs`)."""
-        lay = self.lay(node.inputs[0])
-        if lay is None:
-            self.unknown_outputs(node)
-        return lay
 
     @staticmethod
     def _names_used_in_subgraphs(graph: gs.Graph) -> set[str]:
@@ -557,10 +566,8 @@ class ChannelGraph:
         for t in node.outputs[1:]:
             self.flow.append(("unknown", t.name))
 
-    def _h_BatchNormalization(self, node: gs.Node) -> None:
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
+    @_tracked_input_handler
+    def _h_BatchNormalization(self, node: gs.Node, lay: Layout) -> None:
         where = self._where(node)
         params = [const_value(t) for t in node.inputs[1:5]]
         if any(p is None for p in params):
@@ -581,10 +588,8 @@ class ChannelGraph:
         self.flow.append(("bn", node.outputs[0].name, node.inputs[0].name, scale, beta - mean * scale, gamma, beta))
         self.bns.append((node, node.inputs[0].name))
 
-    def _h_InstanceNormalization(self, node: gs.Node) -> None:
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
+    @_tracked_input_handler
+    def _h_InstanceNormalization(self, node: gs.Node, lay: Layout) -> None:
         if lay.axis != 1 or any(const_value(t) is None for t in node.inputs[1:3]):
             self.opaque(node, "instance_norm", f"{self._where(node)}: unsupported parameters or axis")
             return
@@ -594,10 +599,8 @@ class ChannelGraph:
         scale, bias = (np.asarray(const_value(t), dtype=np.float64) for t in node.inputs[1:3])
         self.flow.append(("instnorm", node.outputs[0].name, node.inputs[0].name, scale, bias))
 
-    def _h_LayerNormalization(self, node: gs.Node) -> None:
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
+    @_tracked_input_handler
+    def _h_LayerNormalization(self, node: gs.Node, lay: Layout) -> None:
         r = self.rank(node.inputs[0])
         axis = int(_attr(node, "axis", -1))
         axis = axis + r if r is not None and axis < 0 else axis
@@ -607,10 +610,8 @@ class ChannelGraph:
         self.set(node.outputs[0], lay)
         self.flow.append(("unknown", node.outputs[0].name))
 
-    def _h_pool(self, node: gs.Node) -> None:
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
+    @_tracked_input_handler
+    def _h_pool(self, node: gs.Node, lay: Layout) -> None:
         if lay.axis != 1:
             self.opaque(node, "channel_axis_mismatch", f"{self._where(node)} pools NCHW, tracked axis {lay.axis}")
             return
@@ -630,11 +631,9 @@ class ChannelGraph:
         else:
             self.flow.append(("unknown", out))
 
-    def _h_Pad(self, node: gs.Node) -> None:
+    @_tracked_input_handler
+    def _h_Pad(self, node: gs.Node, lay: Layout) -> None:
         x = node.inputs[0]
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
         where = self._where(node)
         r = self.rank(x)
         if len(node.inputs) > 1 and node.inputs[1].name:
@@ -671,11 +670,9 @@ class ChannelGraph:
         else:
             self.flow.append(("same", node.outputs[0].name, x.name, "mean"))
 
-    def _h_Resize(self, node: gs.Node) -> None:
+    @_tracked_input_handler
+    def _h_Resize(self, node: gs.Node, lay: Layout) -> None:
         x, out = node.inputs[0], node.outputs[0]
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
         where = self._where(node)
         r = self.rank(x)
         scales_t = node.inputs[2] if len(node.inputs) > 2 else (node.inputs[1] if node.op == "Upsample" else None)
@@ -865,11 +862,9 @@ class ChannelGraph:
         sizes = [chunk] * (n - 1) + [total - chunk * (n - 1)]
         return sizes
 
-    def _h_Split(self, node: gs.Node) -> None:
+    @_tracked_input_handler
+    def _h_Split(self, node: gs.Node, lay: Layout) -> None:
         x = node.inputs[0]
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
         where = self._where(node)
         r = self.rank(x)
         axis = int(_attr(node, "axis", 0))
@@ -892,11 +887,9 @@ class ChannelGraph:
             start += n
         self.actions.append(lambda s, node=node: s.split(node))
 
-    def _h_Slice(self, node: gs.Node) -> None:
+    @_tracked_input_handler
+    def _h_Slice(self, node: gs.Node, lay: Layout) -> None:
         x, out = node.inputs[0], node.outputs[0]
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
         where = self._where(node)
         r = self.rank(x)
         if len(node.inputs) > 1:
@@ -968,11 +961,9 @@ class ChannelGraph:
                 return b, k
         return None
 
-    def _reshape_like(self, node: gs.Node, rewrite_shape: bool) -> None:
+    @_tracked_input_handler
+    def _reshape_like(self, node: gs.Node, lay: Layout, rewrite_shape: bool) -> None:
         x, out = node.inputs[0], node.outputs[0]
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
         where = self._where(node)
         s_in, s_out = self.shape(x), self.shape(out)
         m = self._reshape_map(s_in, s_out, lay.axis, len(lay.elems))
@@ -1007,11 +998,9 @@ class ChannelGraph:
 
     _h_Unsqueeze = _h_Squeeze
 
-    def _h_Transpose(self, node: gs.Node) -> None:
+    @_tracked_input_handler
+    def _h_Transpose(self, node: gs.Node, lay: Layout) -> None:
         x, out = node.inputs[0], node.outputs[0]
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
         r = self.rank(x)
         perm = _attr(node, "perm")
         perm = list(range(r))[::-1] if perm is None and r is not None else perm
@@ -1021,11 +1010,9 @@ class ChannelGraph:
             return
         self.opaque(node, "transpose", f"{self._where(node)} moves the channel axis")
 
-    def _h_softmax(self, node: gs.Node) -> None:
+    @_tracked_input_handler
+    def _h_softmax(self, node: gs.Node, lay: Layout) -> None:
         x, out = node.inputs[0], node.outputs[0]
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
         r = self.rank(x)
         opset = self.graph.opset or 13
         axis = int(_attr(node, "axis", -1 if opset >= 13 else 1))
@@ -1037,11 +1024,9 @@ class ChannelGraph:
         self.set(out, lay)
         self.flow.append(("unknown", out.name))
 
-    def _h_reduce(self, node: gs.Node) -> None:
+    @_tracked_input_handler
+    def _h_reduce(self, node: gs.Node, lay: Layout) -> None:
         x, out = node.inputs[0], node.outputs[0]
-        lay = self.tracked_input(node)
-        if lay is None:
-            return
         where = self._where(node)
         r = self.rank(x)
         axes = _attr(node, "axes")
