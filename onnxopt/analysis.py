@@ -89,8 +89,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxopt.errors import OnnxoptError
-from onnxopt.skeleton import ConstInfo, Shape, Skeleton, nbytes, numel, typed_shapes
+from onnxopt.errors import OnnxoptError, first_line
+from onnxopt.skeleton import ConstInfo, Shape, Skeleton, nbytes, typed_shapes
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Unit costs (see the module docstring)
@@ -289,7 +289,7 @@ def analyze(
     try:
         inferred = skel.infer()
     except Exception as e:  # noqa: BLE001 - onnx raises several types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise OnnxoptError(f"shape inference failed: {first}") from e
     return _Analyzer(inferred, skel.constants).run(resolved)
 
@@ -310,7 +310,7 @@ def summarize(model: onnx.ModelProto, ctx: Any = None) -> dict[str, Any]:
         shapes = applicable_shapes(skel.inputs_model(), getattr(ctx, "input_shapes", None) or {})
         a = analyze(model, shapes, skeleton=skel)
     except Exception as e:  # noqa: BLE001 - a summary must never fail the run
-        out["macs_note"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+        out["macs_note"] = first_line(e)
         return out
     t = a.totals()
     out.update(params=t["params"], buffers=t["buffers"], macs=t["macs"], flops=t["flops"],

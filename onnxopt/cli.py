@@ -11,7 +11,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from onnxopt.errors import OnnxoptError, OptionsError
+from onnxopt.errors import OnnxoptError, OptionsError, first_line
 
 # Tables are read in logs and CI output too: when not on a terminal, use a width that fits them instead of 80 columns.
 err_console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         err_console.print(
-            f"onnxopt: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"onnxopt: internal error: {type(e).__name__}: {first_line(e)} "
             "(run with --debug for the traceback)", soft_wrap=True, markup=False,
         )
         sys.exit(1)

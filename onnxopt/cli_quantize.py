@@ -83,7 +83,6 @@ def quantize(model, output, calib, calib_samples, calib_random, calib_cache, met
       onnxopt quantize models/digits_resnet.onnx --calib models/digits.npz --eval models/digits.npz
       onnxopt quantize model.onnx --calib imgs/?mean=0.485,0.456,0.406&std=0.229,0.224,0.225 --target onnxruntime
     """
-    import numpy as np
     from rich.table import Table
 
     from onnxopt.model import load, save

@@ -41,3 +41,12 @@ class ValidationError(OnnxoptError):
     """The optimized model's outputs differ from the original's beyond the tolerances."""
 
     exit_code = 3
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (the type name when it has none): how errors from libraries
+    (onnx, ONNX Runtime, OpenVINO) are quoted in one-line messages."""
+    for line in str(error).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(error).__name__

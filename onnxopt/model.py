@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from onnxopt.errors import ModelLoadError, ModelSaveError
+from onnxopt.errors import ModelLoadError, ModelSaveError, first_line
 
 #: Opsets of the default domain we accept. The upper bound is what the installed onnx package knows.
 MIN_OPSET = 7
@@ -101,12 +101,6 @@ def check_opset(model: onnx.ModelProto) -> int:
     return opset
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[0] if lines else text
-
-
 def model_file(path: str | os.PathLike) -> Path:
     """``path`` as a Path, if it names an existing file; else a :class:`ModelLoadError` (no such file, a folder)."""
     p = Path(path)
@@ -122,7 +116,7 @@ def parse_error(p: Path, data, e: BaseException) -> ModelLoadError:
     varint): tag byte 0x08. A file that starts like one but does not parse was cut short or damaged; anything else is
     not an ONNX file at all."""
     reason = "truncated or corrupt ONNX protobuf" if data[:1] == b"\x08" else "not an ONNX protobuf"
-    return ModelLoadError(f"{p}: {reason} ({_first_line(e)})")
+    return ModelLoadError(f"{p}: {reason} ({first_line(e)})")
 
 
 def check_parsed(model: onnx.ModelProto, p: Path) -> bool:
@@ -153,7 +147,7 @@ def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
     except DecodeError as e:
         raise parse_error(p, data, e) from e
     except Exception as e:  # noqa: BLE001 - protobuf raises several types on garbage
-        raise ModelLoadError(f"{p}: not an ONNX protobuf ({_first_line(e)})") from e
+        raise ModelLoadError(f"{p}: not an ONNX protobuf ({first_line(e)})") from e
     external = check_parsed(model, p)
     if check:
         try:
@@ -161,13 +155,13 @@ def load(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
             # Otherwise on the bytes already read (no second read, no re-serialization).
             onnx.checker.check_model(str(p) if external else data)
         except Exception as e:  # onnx raises ValidationError and others
-            raise ModelLoadError(f"{p}: ONNX checker failed: {_first_line(e)}") from e
+            raise ModelLoadError(f"{p}: ONNX checker failed: {first_line(e)}") from e
     del data
     if external:
         try:
             external_data_helper.load_external_data_for_model(model, str(p.parent))
         except Exception as e:  # noqa: BLE001
-            raise ModelLoadError(f"{p}: cannot load external data: {_first_line(e)}") from e
+            raise ModelLoadError(f"{p}: cannot load external data: {first_line(e)}") from e
     return model
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import ModelLoadError, OnnxoptError, PassError, PreconditionError, ValidationError
+from onnxopt.errors import ModelLoadError, OnnxoptError, PassError, PreconditionError, ValidationError, first_line
 from onnxopt.graphutil import fingerprint
 from onnxopt.model import check_model, checkable, default_opset, graph_skeleton, graph_to_model, header_of
 from onnxopt.pass_base import Pass, PassContext, PassResult
@@ -208,11 +208,11 @@ class PassManager:
         try:
             check_model(checkable(skeleton))
         except Exception as e:  # noqa: BLE001
-            raise PassError(f"{where}: the ONNX checker rejects the result: {str(e).strip().splitlines()[0]}") from e
+            raise PassError(f"{where}: the ONNX checker rejects the result: {first_line(e)}") from e
         try:
             infer_shapes(skeleton, strict=baseline.strict_shapes)
         except Exception as e:  # noqa: BLE001
-            raise PassError(f"{where}: shape inference fails on the result: {str(e).strip().splitlines()[0]}") from e
+            raise PassError(f"{where}: shape inference fails on the result: {first_line(e)}") from e
 
     def _verify(self, model: onnx.ModelProto, record: RunRecord, p: Pass, where: str) -> list[dict[str, Any]]:
         from dataclasses import asdict

@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import PreconditionError
+from onnxopt.errors import PreconditionError, first_line
 from onnxopt.graphutil import const_value, unique_name
 
 # ================================================================================================ small helpers
@@ -1893,7 +1893,7 @@ def graph_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None,
     try:
         inferred = infer_shapes(skel, strict=False)
     except Exception as e:  # noqa: BLE001 - onnx raises several types
-        raise PreconditionError(f"shape inference fails on the input: {str(e).strip().splitlines()[0]}") from e
+        raise PreconditionError(f"shape inference fails on the input: {first_line(e)}") from e
     shapes = value_shapes(inferred)
     for name, t in graph.tensors().items():
         if isinstance(t, gs.Constant):

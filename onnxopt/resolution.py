@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxopt.errors import OptionsError, PreconditionError
+from onnxopt.errors import OptionsError, PreconditionError, first_line
 from onnxopt.skeleton import ConstInfo, Dim, Shape, Skeleton, typed_shapes
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -135,7 +135,7 @@ def plan_input_shapes(model: onnx.ModelProto, specs: dict[str, str | tuple[Dim, 
     try:
         plan.inferred = skel.infer(strict=True)
     except Exception as e:  # noqa: BLE001 - onnx raises InferenceError and others
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise PreconditionError(f"with the new input shapes, shape inference fails: {first}") from e
     outs = typed_shapes(plan.inferred)
     plan.stats["inputs_changed"] = sum(1 for k in new if new[k] != old_inputs[k])

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from onnxopt.errors import ModelLoadError
+from onnxopt.errors import ModelLoadError, first_line
 from onnxopt.model import _iter_tensors, check_parsed, len_field, model_file, parse_error
 
 #: Tensors with more elements than this are replaced by typed graph inputs in the skeleton.
@@ -215,7 +215,7 @@ class Skeleton:
         try:
             onnx.checker.check_model(self.model)
         except Exception as e:  # noqa: BLE001 - onnx raises several types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ModelLoadError(f"ONNX checker failed: {first}") from e
         for name, t in self._originals.items():
             if t.data_location == TensorProto.EXTERNAL:

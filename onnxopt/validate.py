@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxopt.errors import OnnxoptError, OptionsError
+from onnxopt.errors import OnnxoptError, OptionsError, first_line
 from onnxopt.shapes import graph_inputs, resolve_input_shapes
 
 #: Default per-kind tolerances. Exact rewrites must agree elementwise: |new - ref| <= atol + rtol * |ref|.
@@ -55,7 +55,7 @@ def session(model: onnx.ModelProto | bytes | str | os.PathLike, *, optimize: boo
     except OnnxoptError:
         raise
     except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise OnnxoptError(f"ONNX Runtime cannot load the model: {msg}") from e
 
 
@@ -65,7 +65,7 @@ def run(sess_or_model, feeds: dict[str, np.ndarray], *, optimize: bool = False) 
     try:
         values = sess.run(names, feeds)
     except Exception as e:  # noqa: BLE001
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise OnnxoptError(f"ONNX Runtime failed to run the model: {msg}") from e
     return dict(zip(names, values))
 

@@ -36,6 +36,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
+from onnxopt.errors import first_line
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
 
 #: Ops whose result changes from run to run: never folded.
@@ -445,7 +446,7 @@ class _Folder:
             return value_shapes(infer_shapes(graph_skeleton(self.graph, self.ctx.template)))
         except Exception as e:  # noqa: BLE001 - no inferred shapes means no shape folding, which we report
             self.stats["skipped_fold_shapes_inference_failed"] += 1
-            self.ctx.artifacts.setdefault("cleanup", {})["shape_inference_error"] = _first_line(e)
+            self.ctx.artifacts.setdefault("cleanup", {})["shape_inference_error"] = first_line(e)[:300]
             return {}
 
     def _anything_to_fold(self, g: gs.Graph) -> bool:
@@ -537,7 +538,7 @@ class _Folder:
         try:
             values = run(session(gs.export_onnx(part, do_type_check=False)), {})
         except Exception as e:  # noqa: BLE001 - ONNX Runtime's (and export's) errors are reported, not raised
-            self.failures.append({"node": node.name or "(unnamed)", "op": node.op, "error": _first_line(e)})
+            self.failures.append({"node": node.name or "(unnamed)", "op": node.op, "error": first_line(e)[:300]})
             return "failed"
         outs = [t for t in node.outputs if not t.is_empty()]
         arrays = [values.get(t.name) for t in outs]
@@ -577,10 +578,6 @@ def _np_dtype(dtype: Any) -> Any:
 def _static(shape: Any) -> bool:
     return shape is not None and all(isinstance(d, (int, np.integer)) and d >= 0 for d in shape)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 # -- 5. duplicate initializers ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Literal, Optional
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxopt.errors import OptionsError, PreconditionError
+from onnxopt.errors import OptionsError, PreconditionError, first_line
 from onnxopt.pass_base import Pass, PassContext, PassResult, PassKind, option
 from onnxopt.pruning import (
     ChannelGraph,
@@ -145,7 +145,7 @@ class PruneChannels(Pass):
             if o.target_macs is not None and o.mode == "prune":
                 raise PreconditionError(f"prune-channels: target_macs needs MACs of every layer: {e}") from e
             report_macs = False
-            stats["macs_note"] = str(e).splitlines()[0]
+            stats["macs_note"] = first_line(e)
 
         if o.mode == "dead":
             vp = ValuePropagation(cg, "exact", o.dead_tol)

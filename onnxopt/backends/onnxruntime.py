@@ -14,12 +14,8 @@ import numpy as np
 import onnx
 
 from onnxopt.backends.base import Artifact, Backend, BuildOptions, Runner, load_model_arg
-from onnxopt.errors import OnnxoptError
+from onnxopt.errors import OnnxoptError, first_line
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class OnnxRuntimeRunner(Runner):
@@ -35,7 +31,7 @@ class OnnxRuntimeRunner(Runner):
         try:
             return dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-            raise OnnxoptError(f"ONNX Runtime failed to run the model: {_first_line(e)}") from e
+            raise OnnxoptError(f"ONNX Runtime failed to run the model: {first_line(e)}") from e
 
 
 class OnnxRuntimeBackend(Backend):
@@ -70,7 +66,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001
-            raise OnnxoptError(f"ONNX Runtime cannot load the model: {_first_line(e)}") from e
+            raise OnnxoptError(f"ONNX Runtime cannot load the model: {first_line(e)}") from e
 
     def build(self, model, options: BuildOptions | None = None) -> Artifact:
         options = options or BuildOptions()

@@ -21,16 +21,11 @@ import numpy as np
 import onnx
 
 from onnxopt.backends.base import Artifact, Backend, BuildOptions, Runner, load_model_arg
-from onnxopt.errors import OnnxoptError, OptionsError
+from onnxopt.errors import OnnxoptError, OptionsError, first_line
 from onnxopt.model import atomic_output
 
 INSTALL_HINT = "pip install 'onnxopt[openvino]' (or: pip install openvino)"
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
 
 
 def _import_openvino():
@@ -77,7 +72,7 @@ class OpenVinoRunner(Runner):
         try:
             result = self.request.infer(feeds)
         except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError with long messages
-            raise OnnxoptError(f"OpenVINO failed to run the model: {_first_line(e)}") from e
+            raise OnnxoptError(f"OpenVINO failed to run the model: {first_line(e)}") from e
         return {name: np.asarray(result[i]) for i, name in enumerate(self._outputs)}
 
 
@@ -108,7 +103,7 @@ class OpenVinoBackend(Backend):
                 _write(model, path, external=True)
                 return core.read_model(str(path))
         except Exception as e:  # noqa: BLE001
-            raise OnnxoptError(f"OpenVINO cannot read the model: {_first_line(e)}") from e
+            raise OnnxoptError(f"OpenVINO cannot read the model: {first_line(e)}") from e
 
     @staticmethod
     def _reshape(ov, ov_model, options: BuildOptions) -> None:
@@ -120,7 +115,7 @@ class OpenVinoBackend(Backend):
         try:
             ov_model.reshape(shapes)
         except Exception as e:  # noqa: BLE001
-            raise OptionsError(f"OpenVINO cannot apply --input-shape: {_first_line(e)}") from e
+            raise OptionsError(f"OpenVINO cannot apply --input-shape: {first_line(e)}") from e
 
     def build(self, model, options: BuildOptions | None = None) -> Artifact:
         options = options or BuildOptions()
@@ -141,7 +136,7 @@ class OpenVinoBackend(Backend):
         try:
             compiled = core.compile_model(ov_model, "CPU", compile_config(options))
         except Exception as e:  # noqa: BLE001
-            raise OnnxoptError(f"OpenVINO cannot compile the model for CPU: {_first_line(e)}") from e
+            raise OnnxoptError(f"OpenVINO cannot compile the model for CPU: {first_line(e)}") from e
         info = {
             "device": "CPU",
             "precision_hint": compile_config(options)["INFERENCE_PRECISION_HINT"],
