@@ -162,6 +162,9 @@ def _calibration(calib: str | None, calib_samples: int | None, allow_random: boo
               help="Calibration data for passes that need it: .npz, folder of .npy/.npz/images, or module:function.")
 @click.option("--calib-samples", type=click.IntRange(min=1), help="Use at most N calibration samples.")
 @click.option("--calib-random", is_flag=True, help="Calibrate on random data (flagged in the report; for testing only).")
+@click.option("--freeze-initializer-inputs", is_flag=True,
+              help="Treat initializers that are also graph inputs (overridable defaults, e.g. from exports with "
+                   "keep_initializers_as_inputs) as constants, so passes can fold them; they leave the inputs.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random validation inputs.")
 @click.option("--backend", metavar="NAME",
               help="Also build the written model for this runtime (openvino, tensorrt, onnxruntime), check its outputs "
@@ -170,8 +173,8 @@ def _calibration(calib: str | None, calib_samples: int | None, allow_random: boo
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the output path.")
 @click.option("--debug", is_flag=True, hidden=True)
 def run(model: Path, output: Path | None, pass_specs, config, in_place, force, no_validate, verify_each, input_shapes,
-        inputs, atol, rtol, min_cosine, calib, calib_samples, calib_random, seed, backend, json_path, quiet,
-        debug) -> None:
+        inputs, atol, rtol, min_cosine, calib, calib_samples, calib_random, freeze_initializer_inputs, seed, backend,
+        json_path, quiet, debug) -> None:
     """Optimize MODEL with a pipeline of passes, validate it against the original, write it.
 
     \b
@@ -199,7 +202,8 @@ def run(model: Path, output: Path | None, pass_specs, config, in_place, force, n
     tol = _tolerances(atol, rtol, min_cosine)
     m = load(model)
     feeds = load_inputs(inputs, m) if inputs else None
-    ctx = PassContext(input_shapes=shapes, seed=seed, model_dir=model.parent, progress=not quiet)
+    ctx = PassContext(input_shapes=shapes, seed=seed, model_dir=model.parent, progress=not quiet,
+                      freeze_initializer_inputs=freeze_initializer_inputs)
     ctx.calibration = _calibration(str(calib) if calib else None, calib_samples, calib_random, m, shapes, seed)
 
     status = None if quiet else err_console.status("running passes…")

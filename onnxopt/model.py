@@ -240,22 +240,69 @@ def graph_to_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> 
 def _initializer_inputs(model: onnx.ModelProto, template: onnx.ModelProto) -> None:
     """List initializers as graph inputs again where the original did (graphsurgeon drops them from the inputs):
     all of them below IR version 4, where the checker requires it; otherwise those the original listed (inputs with a
-    default value), so the model's interface does not change."""
+    default value), so the model's interface does not change. The defaults of such inputs, which the passes see as
+    plain graph inputs (see :func:`unfreeze_overridable`), are put back as initializers."""
     listed = {vi.name for vi in template.graph.input} if template.HasField("graph") else set()
     have = {vi.name for vi in model.graph.input}
     for t in model.graph.initializer:
         if t.name not in have and (model.ir_version < 4 or t.name in listed):
             model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    inits = {t.name for t in model.graph.initializer}
+    model.graph.initializer.extend(d for d in template.graph.initializer if d.name in have and d.name not in inits)
+
+
+def overridable_initializers(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Initializers that are also graph inputs from IR version 4 on: defaults a caller may override, so no pass may
+    treat them as constants (fold them, merge them, or bake them into weights)."""
+    if model.ir_version < 4:
+        return []
+    listed = {vi.name for vi in model.graph.input}
+    return [t for t in model.graph.initializer if t.name in listed]
 
 
 def header_of(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of the model without its graph: what :func:`graph_to_model` needs as a template."""
+    """A copy of the model without its graph: what :func:`graph_to_model` needs as a template. It keeps the graph's
+    input list (names, types, order) and the default values of overridable inputs."""
     header = onnx.ModelProto()
     _copy_header(model, header)
     header.opset_import.extend(model.opset_import)
-    inits = {t.name for t in model.graph.initializer}
-    header.graph.input.extend(vi for vi in model.graph.input if vi.name in inits)  # initializers listed as inputs
+    header.graph.input.extend(model.graph.input)
+    header.graph.initializer.extend(overridable_initializers(model))
     return header
+
+
+def freeze_overridable(template: onnx.ModelProto) -> None:
+    """Make overridable initializers plain constants: drop them from the template's input list and defaults, so that
+    exported models no longer list them as inputs (the model's interface changes; callers opt in)."""
+    names = {t.name for t in template.graph.initializer}
+    keep = [vi for vi in template.graph.input if vi.name not in names]
+    del template.graph.input[:]
+    template.graph.input.extend(keep)
+    del template.graph.initializer[:]
+
+
+def unfreeze_overridable(graph: gs.Graph, template: onnx.ModelProto) -> int:
+    """Turn the constants that are overridable graph inputs (see :func:`overridable_initializers`) back into graph
+    input variables, in the original input order, so that passes cannot fold them; :func:`graph_to_model` restores
+    their default values. Returns how many were turned."""
+    defaults = {t.name for t in template.graph.initializer}
+    if not defaults:
+        return 0
+    tensors = graph.tensors()
+    turned: dict[str, gs.Variable] = {}
+    for name in defaults:
+        c = tensors.get(name)
+        if not isinstance(c, gs.Constant):
+            continue
+        v = gs.Variable(name, dtype=c.dtype, shape=list(c.shape))
+        for node in list(c.outputs):
+            node.inputs = [v if t is c else t for t in node.inputs]
+        graph.outputs = [v if t is c else t for t in graph.outputs]
+        turned[name] = v
+    if turned:
+        order = {vi.name: i for i, vi in enumerate(template.graph.input)}
+        graph.inputs = sorted([*graph.inputs, *turned.values()], key=lambda t: order.get(t.name, len(order)))
+    return len(turned)
 
 
 #: Constants larger than this are replaced by stubs in a skeleton.

@@ -62,6 +62,9 @@ class PassContext:
         progress: whether long-running passes may show progress bars.
         artifacts: results a pass hands to the caller or to later passes (e.g. calibration ranges, MAC tables).
         opset: the default-domain opset of the graph being optimized (set by the manager).
+        freeze_initializer_inputs: initializers that are also graph inputs (IR >= 4) are defaults a caller may override;
+            by default passes see them as graph inputs and never fold them. True treats them as constants and removes
+            them from the model's inputs (e.g. for exports made with keep_initializers_as_inputs=True).
     """
 
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
@@ -71,6 +74,7 @@ class PassContext:
     progress: bool = False
     artifacts: dict[str, Any] = field(default_factory=dict)
     opset: int | None = None
+    freeze_initializer_inputs: bool = False  # treat initializers that are also graph inputs as constants
     template: Any = None  # the original onnx.ModelProto header (metadata, ir_version), set by the manager
 
     def to_model(self, graph: gs.Graph):

@@ -12,7 +12,10 @@ import onnx_graphsurgeon as gs
 
 from onnxopt.errors import ModelLoadError, OnnxoptError, PassError, PreconditionError, ValidationError, first_line
 from onnxopt.graphutil import fingerprint
-from onnxopt.model import check_model, checkable, default_opset, graph_skeleton, graph_to_model, header_of
+from onnxopt.model import (
+    check_model, checkable, default_opset, freeze_overridable, graph_skeleton, graph_to_model, header_of,
+    unfreeze_overridable,
+)
 from onnxopt.pass_base import Pass, PassContext, PassResult
 from onnxopt.shapes import infer_shapes
 
@@ -128,11 +131,25 @@ class PassManager:
         ctx.template = header_of(model)
         ctx.opset = default_opset(model)
         graph = gs.import_onnx(model)
+        overridable = [t.name for t in ctx.template.graph.initializer]
+        if ctx.freeze_initializer_inputs:
+            freeze_overridable(ctx.template)
+        else:
+            unfreeze_overridable(graph, ctx.template)
         try:
             skeleton = graph_skeleton(graph, ctx.template)
         except Exception as e:  # noqa: BLE001 - e.g. optional-typed values, which graphsurgeon cannot export
             raise ModelLoadError(f"onnx-graphsurgeon cannot represent this model: {_unrepresentable(model, e)}") from e
         record = RunRecord(before=self.summarize(skeleton, ctx))
+        if overridable:
+            record.notes.append(
+                f"{len(overridable)} initializer(s) are also graph inputs (defaults a caller may override), e.g. "
+                f"{overridable[0]!r}: " + (
+                    "treated as constants and removed from the inputs (--freeze-initializer-inputs)"
+                    if ctx.freeze_initializer_inputs else
+                    "kept as inputs, so no pass folds them; --freeze-initializer-inputs treats them as constants"
+                )
+            )
         baseline = self._baseline(skeleton) if self.check_invariants else None
         changed_any = False
         done: list[str] = []

@@ -160,3 +160,64 @@ def test_context_to_model_keeps_header():
     PassManager([Peek()]).run(m)
     assert seen["model"].producer_name == "exporter-x" and seen["model"].metadata_props[0].value == "v"
     assert seen["model"].ir_version == m.ir_version
+
+
+# -- initializers that are also graph inputs (overridable defaults) ---------------------------------------------------
+
+def overridable_model():
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "b"], ["y"]), helper.make_node("Mul", ["b", "b"], ["bb"]),
+         helper.make_node("Add", ["y", "bb"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3])],
+        [numpy_helper.from_array(np.ones(3, np.float32), "b")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_overridable_initializers_are_never_folded():
+    m = overridable_model()
+    result = onnxopt.optimize(m, [onnxopt.create_pass("cleanup")])
+    out = result.model
+    assert [i.name for i in out.graph.input] == ["x", "b"] and [t.name for t in out.graph.initializer] == ["b"]
+    assert [n.op_type for n in out.graph.node] == ["Add", "Mul", "Add"]
+    assert not result.record.passes[0].changed
+    assert "1 initializer(s) are also graph inputs" in result.record.notes[0]
+    x, b = np.zeros(3, np.float32), np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(run(out, {"x": x, "b": b})["z"], run(m, {"x": x, "b": b})["z"])  # override honoured
+    np.testing.assert_array_equal(run(out, {"x": x})["z"], np.full(3, 2, np.float32))  # default kept
+
+
+def test_overridable_inputs_survive_a_changing_pass():
+    m = overridable_model()
+    new, rec = PassManager([ToSigmoidFirst()]).run(m, PassContext())
+    assert rec.passes[0].changed
+    assert [i.name for i in new.graph.input] == ["x", "b"] and [t.name for t in new.graph.initializer] == ["b"]
+    x = np.zeros(3, np.float32)
+    np.testing.assert_allclose(run(new, {"x": x})["z"], 1 / (1 + np.exp(-1.0)) + 1, rtol=1e-6)
+
+
+def test_freeze_initializer_inputs_folds_and_drops_the_input():
+    m = overridable_model()
+    result = onnxopt.optimize(m, [onnxopt.create_pass("cleanup")], ctx=PassContext(freeze_initializer_inputs=True))
+    out = result.model
+    assert [i.name for i in out.graph.input] == ["x"] and [n.op_type for n in out.graph.node] == ["Add", "Add"]
+    assert result.ok and "treated as constants" in result.record.notes[0]
+
+
+class ToSigmoidFirst(Pass):
+    """Applies Sigmoid to the first node's output: y = sigmoid(x + b)."""
+
+    name = "to-sigmoid-first"
+
+    def run(self, graph, ctx):
+        node = graph.nodes[0]
+        mid = gs.Variable("y_pre", dtype=np.float32, shape=[3])
+        sig = gs.Node("Sigmoid", inputs=[mid], outputs=[node.outputs[0]])
+        node.outputs = [mid]
+        graph.nodes.insert(1, sig)
+        return PassResult(True, {"inserted": 1})
