@@ -285,13 +285,17 @@ def unfreeze_overridable(graph: gs.Graph, template: onnx.ModelProto) -> int:
     """Turn the constants that are overridable graph inputs (see :func:`overridable_initializers`) back into graph
     input variables, in the original input order, so that passes cannot fold them; :func:`graph_to_model` restores
     their default values. Returns how many were turned."""
-    defaults = {t.name for t in template.graph.initializer}
-    if not defaults:
+    if not len(template.graph.initializer):
         return 0
     tensors = graph.tensors()
     turned: dict[str, gs.Variable] = {}
-    for name in defaults:
+    for d in template.graph.initializer:
+        name = d.name
         c = tensors.get(name)
+        if c is None:  # unused: graphsurgeon dropped it on import, but it is part of the interface
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(d.data_type)
+            turned[name] = gs.Variable(name, dtype=dtype, shape=list(d.dims))
+            continue
         if not isinstance(c, gs.Constant):
             continue
         v = gs.Variable(name, dtype=c.dtype, shape=list(c.shape))

@@ -151,7 +151,13 @@ class PassManager:
                 )
             )
         baseline = self._baseline(skeleton) if self.check_invariants else None
-        changed_any = False
+        # graphsurgeon drops initializers that nothing uses when it imports a model: say so, and write the result
+        # even if no pass changes anything (the output then differs from the input by exactly those).
+        kept = {n for n, t in graph.tensors().items() if isinstance(t, gs.Constant)} | {t.name for t in graph.inputs}
+        dropped = [t.name for t in model.graph.initializer if t.name not in kept]
+        if dropped:
+            record.notes.append(f"{len(dropped)} unused initializer(s) dropped on import, e.g. {dropped[0]!r}")
+        changed_any = bool(dropped)
         done: list[str] = []
         for i, p in enumerate(self.passes):
             if self.on_pass:

@@ -221,3 +221,25 @@ class ToSigmoidFirst(Pass):
         node.outputs = [mid]
         graph.nodes.insert(1, sig)
         return PassResult(True, {"inserted": 1})
+
+
+def test_unused_initializers_are_dropped_and_reported():
+    from onnx import numpy_helper
+
+    m = relu_model()
+    m.graph.initializer.append(numpy_helper.from_array(np.ones((4, 4), np.float32), "unused"))
+    new, rec = PassManager([Noop()]).run(m)
+    assert [t.name for t in new.graph.initializer] == [] and not rec.passes[0].changed
+    assert rec.notes == ["1 unused initializer(s) dropped on import, e.g. 'unused'"]
+
+
+def test_unused_overridable_input_keeps_its_place():
+    m = overridable_model()
+    from onnx import TensorProto, helper, numpy_helper
+
+    m.graph.input.append(helper.make_tensor_value_info("spare", TensorProto.FLOAT, [2]))
+    m.graph.initializer.append(numpy_helper.from_array(np.full(2, 7, np.float32), "spare"))
+    new, rec = PassManager([ToSigmoidFirst()]).run(m)
+    assert [i.name for i in new.graph.input] == ["x", "b", "spare"]
+    assert sorted(t.name for t in new.graph.initializer) == ["b", "spare"]
+    assert not any("dropped on import" in n for n in rec.notes)
