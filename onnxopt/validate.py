@@ -33,13 +33,21 @@ def _session_options(optimize: bool):
     return so
 
 
-def session(model: onnx.ModelProto | bytes | str | os.PathLike, *, optimize: bool = False):
-    """An ONNX Runtime CPU session for a model proto, serialized bytes or a path (big protos go through a file)."""
+def session(model: onnx.ModelProto | bytes | str | os.PathLike, *, optimize: bool = False,
+            initializers: dict[str, np.ndarray] | None = None):
+    """An ONNX Runtime CPU session for a model proto, serialized bytes or a path (big protos go through a file).
+
+    ``initializers``: values of initializers that the model declares as external data, handed to ONNX Runtime from
+    memory (``add_external_initializers``) instead of being serialized with the model.
+    """
     import onnxruntime as ort
 
     from onnxopt.model import EXTERNAL_DATA_THRESHOLD, _write, tensor_bytes
 
     so = _session_options(optimize)
+    if initializers:
+        values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in initializers.values()]
+        so.add_external_initializers(list(initializers), values)
     providers = ["CPUExecutionProvider"]
     try:
         if isinstance(model, (str, os.PathLike)):
