@@ -484,12 +484,16 @@ def collect(
     batch_size: int | None = None,
     on_plan: Callable[[CollectPlan], None] | None = None,
     info: dict[str, tuple[int, tuple]] | None = None,
+    weights: dict[str, np.ndarray] | None = None,
 ) -> dict[str, RangeCollector]:
     """Run ``model`` over the calibration ``source`` and collect the statistics of ``tensors``.
 
     ``source`` is a calibration source (see :mod:`onnxopt.calibration`); ``batch_size`` overrides its batching for
     inputs with a dynamic batch dim. ``info`` (``tensor_info`` of the model, or of its weight-stripped skeleton, which
-    is much faster to infer) gives element types and shapes. Returns one :class:`RangeCollector` per tensor.
+    is much faster to infer) gives element types and shapes. ``weights``: the real values of initializers that
+    ``model`` holds as stubs (a :func:`onnxopt.model.graph_skeleton`, see :func:`skeleton_weights`); they go to ONNX
+    Runtime from memory, which saves exporting and serializing the full model. Returns one :class:`RangeCollector`
+    per tensor.
     """
     from onnxopt.validate import session
 
@@ -506,7 +510,9 @@ def collect(
     try:
         for gi, group in enumerate(the_plan.groups):
             aug, outs = augment(model, group, info, subsample, bs)
-            sess = session(aug, optimize=True)
+            if weights:
+                _as_external(aug, weights)
+            sess = session(aug, optimize=True, initializers=weights)
             names = [o.name for o in sess.get_outputs()]
             wants_offset = any(i.name == _OFFSET_INPUT for i in sess.get_inputs())
             batches = source.batches(batch_size) if hasattr(source, "batches") else iter(source)
@@ -541,6 +547,36 @@ def collect(
     finally:
         bar.close()
     return collectors
+
+
+def skeleton_weights(graph: Any, skeleton: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``{name: value}`` of the initializers that ``skeleton`` (:func:`onnxopt.model.graph_skeleton` of ``graph``)
+    holds as stubs: those whose data does not fill their dims."""
+    import onnx_graphsurgeon as gs
+
+    tensors = graph.tensors()
+    out: dict[str, np.ndarray] = {}
+    for init in skeleton.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL or not init.HasField("raw_data"):
+            continue
+        n = int(np.prod(init.dims, dtype=np.int64))
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        if len(init.raw_data) != n * itemsize:
+            t = tensors.get(init.name)
+            if not isinstance(t, gs.Constant):
+                raise OnnxoptError(f"calibration: no value for the stub initializer {init.name!r}")
+            out[init.name] = np.asarray(t.values)
+    return out
+
+
+def _as_external(model: onnx.ModelProto, names: dict[str, Any]) -> None:
+    """Declare the initializers ``names`` of ``model`` as external data (their values are handed over from memory)."""
+    for init in model.graph.initializer:
+        if init.name in names:
+            init.ClearField("raw_data")
+            init.data_location = TensorProto.EXTERNAL
+            del init.external_data[:]
+            init.external_data.add(key="location", value="onnxopt-in-memory")
 
 
 def _batch_len(feeds: dict[str, np.ndarray], source: Any) -> int:
@@ -585,7 +621,7 @@ def ranges(collectors: dict[str, RangeCollector], method: str, *, percentile: fl
 
 
 __all__ = [
-    "RangeCollector", "collect", "plan", "plan_groups", "augment", "ranges", "threshold_percentile",
+    "RangeCollector", "collect", "plan", "plan_groups", "augment", "ranges", "skeleton_weights", "threshold_percentile",
     "threshold_entropy", "threshold_mse", "kl_divergences", "expected_mse", "METHODS", "NUM_BINS",
     "DEFAULT_SUBSAMPLE", "DEFAULT_MEMORY_MB",
 ]

@@ -133,7 +133,14 @@ class Quantize(Pass):
             stats["skipped_nothing_to_quantize"] = 1
             return PassResult(False, stats)
         everything = qz.find_sites(graph, target=o.target, apply_exclusions=False)
-        float_model = ctx.to_model(graph)
+        exported: list = []
+
+        def float_model():
+            """The float model (exported once, only when needed: the cache's hash and the check runs use it)."""
+            if not exported:
+                exported.append(ctx.to_model(graph))
+            return exported[0]
+
         collectors, cal_stats = self._calibrate(graph, float_model, everything.activation_tensors(graph), ctx)
         stats.update(cal_stats)
 
@@ -159,7 +166,7 @@ class Quantize(Pass):
         if ev is not None:
             from onnxopt.validate import session
 
-            float_out = qz.run_batched(session(float_model), ev.feeds, ev.batch)
+            float_out = qz.run_batched(session(float_model()), ev.feeds, ev.batch)
 
         only = None
         report: dict[str, Any] = {}
@@ -198,13 +205,13 @@ class Quantize(Pass):
     # -- calibration ----------------------------------------------------------------------------------------------
     def _calibrate(self, graph: gs.Graph, float_model, tensors: list[str], ctx: PassContext):
         from onnxopt import quantization as qz
-        from onnxopt.collectors import collect, tensor_info
+        from onnxopt.collectors import collect, skeleton_weights, tensor_info
         from onnxopt.model import graph_skeleton
 
         o = self.options
         source = ctx.calibration
         data = qz.data_key(source)
-        mhash = qz.model_hash(float_model) if o.calib_cache else None
+        mhash = qz.model_hash(float_model()) if o.calib_cache else None
         cached = qz.load_cache(o.calib_cache, mhash, data) if o.calib_cache else None
         missing = [t for t in tensors if cached is None or t not in cached]
         stats: dict[str, Any] = {}
@@ -215,10 +222,12 @@ class Quantize(Pass):
                     f"calibration cache {o.calib_cache} lacks {len(missing)} tensor(s) this run quantizes "
                     f"(e.g. {missing[0]!r}); quantize needs --calib DATA (or --calib-random for testing)")
             plans = []
-            collectors.update(collect(float_model, missing, source, subsample=o.subsample,
+            # ONNX Runtime gets the weight-stripped skeleton plus the weights from memory: no full export.
+            skeleton = graph_skeleton(graph, ctx.template)
+            collectors.update(collect(skeleton, missing, source, subsample=o.subsample,
                                       memory_mb=o.calib_memory_mb, batch_size=o.calib_batch,
                                       progress=ctx.progress, on_plan=plans.append,
-                                      info=tensor_info(graph_skeleton(graph, ctx.template))))
+                                      info=tensor_info(skeleton), weights=skeleton_weights(graph, skeleton)))
             stats["calib_passes"] = len(plans[0].groups) if plans else 1
             if o.calib_cache:
                 qz.save_cache(o.calib_cache, mhash, data, collectors,

@@ -19,11 +19,13 @@ from onnxopt.collectors import (
     expected_mse,
     kl_divergences,
     plan_groups,
+    skeleton_weights,
     threshold_entropy,
     threshold_mse,
     threshold_percentile,
 )
 from onnxopt.errors import OptionsError
+from onnxopt.model import SKELETON_STUB_BYTES, graph_skeleton, model_to_graph
 from onnxopt.validate import run
 
 
@@ -494,3 +496,43 @@ def test_collect_groups_under_a_memory_budget_and_subsamples(tmp_path):
         assert sub[n].min == one[n].min and sub[n].max == one[n].max  # min/max still over every value
         assert 20 * 24 <= sub[n].count < 2 * 20 * 24 + 24  # about `subsample` values per sample
     assert plan_groups({"a": 5, "b": 5, "c": 20}, 10) == [["a", "b"], ["c"]]
+
+
+def _wide_conv_model(batch: int | str) -> onnx.ModelProto:
+    """Conv -> Relu -> Conv with a second weight larger than a skeleton keeps (static or dynamic batch)."""
+    rng = np.random.default_rng(15)
+    w1 = rng.standard_normal((8, 2, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    assert w1.nbytes <= SKELETON_STUB_BYTES < w2.nbytes
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    g = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 2, 12, 12])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 16, 12, 12])],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _same_stats(a: dict[str, RangeCollector], b: dict[str, RangeCollector]) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        assert np.array_equal(a[n].hist, b[n].hist), n
+        assert (a[n].min, a[n].max, a[n].edge, a[n].count) == (b[n].min, b[n].max, b[n].edge, b[n].count), n
+
+
+def test_collect_from_a_skeleton_with_its_weights_in_memory(tmp_path):
+    m = _wide_conv_model("N")
+    x = np.random.default_rng(17).standard_normal((20, 2, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    src = open_calibration(tmp_path / "d.npz", model=m)
+    g = model_to_graph(m)
+    skeleton = graph_skeleton(g)
+    weights = skeleton_weights(g, skeleton)
+    assert list(weights) == ["w2"] and np.array_equal(weights["w2"], numpy_helper.to_array(m.graph.initializer[1]))
+    names = ["x", "c1", "r1", "y"]
+    _same_stats(collect(skeleton, names, src, subsample=0, batch_size=8, weights=weights),
+                collect(m, names, src, subsample=0, batch_size=8))
