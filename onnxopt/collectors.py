@@ -374,10 +374,18 @@ _OFFSET_INPUT = "__onnxopt_calib_offset"
 
 
 def augment(model: onnx.ModelProto, tensors: list[str], info: dict[str, tuple[int, tuple]], subsample: int,
-            batch: int) -> tuple[onnx.ModelProto, dict[str, tuple[str, str | None, str | None]]]:
+            batch: int) -> tuple[onnx.ModelProto, dict[str, tuple[str, str | None, str | None]], dict[str, int]]:
     """A copy of ``model`` whose outputs are, per tensor: values (all, or a strided subset), min and max.
 
-    Returns the model and ``{tensor: (values output, min output or None, max output or None)}``.
+    The subset of a tensor of ``size`` values is every ``stride``-th value of the flattened tensor, ``stride =
+    max(size // (subsample * batch), 1)``, from ``offset mod stride`` on (``offset`` moves from batch to batch). When
+    ``info`` gives the tensor's full shape, the stride is a constant and the start is fed as an input of its own
+    (``offset mod stride``, computed by the caller); otherwise both are computed in the graph from the tensor's size
+    and the ``_OFFSET_INPUT``. The values are the same either way; the constant form saves five small ops per tensor
+    and batch.
+
+    Returns the model, ``{tensor: (values output, min output or None, max output or None)}`` and ``{start input:
+    stride}`` for the tensors with constant strides.
     """
     from onnxopt.model import default_opset
 
@@ -399,6 +407,7 @@ def augment(model: onnx.ModelProto, tensors: list[str], info: dict[str, tuple[in
 
     use_graph_ops = opset >= 10
     outputs: dict[str, tuple[str, str | None, str | None]] = {}
+    starts: dict[str, int] = {}
     need_offset = False
     consts: dict[str, str] = {}
 
@@ -420,7 +429,25 @@ def augment(model: onnx.ModelProto, tensors: list[str], info: dict[str, tuple[in
         g.node.append(helper.make_node("ReduceMin", [t], [mn], name=fresh(f"{t}__reducemin"), keepdims=0))
         g.node.append(helper.make_node("ReduceMax", [t], [mx], name=fresh(f"{t}__reducemax"), keepdims=0))
         values = t
-        if subsample > 0:
+        shape = info.get(t, (elem, None))[1]
+        static = shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
+        if subsample > 0 and static:
+            stride = max(int(np.prod(shape, dtype=np.int64)) // (subsample * batch), 1)
+            minus1 = const("flat_shape", np.array([-1], dtype=np.int64))
+            flat = fresh(f"{t}__flat")
+            g.node.append(helper.make_node("Reshape", [t, minus1], [flat], name=fresh(f"{t}__reshape")))
+            values = flat
+            if stride > 1:
+                start, sub = fresh(f"{_OFFSET_INPUT}_{t}"), fresh(f"{t}__sub")
+                big = const("end", np.array([np.iinfo(np.int64).max], dtype=np.int64))
+                axis0 = const("axis0", np.array([0], dtype=np.int64))
+                step = const(f"stride{stride}", np.array([stride], dtype=np.int64))
+                g.input.append(helper.make_tensor_value_info(start, TensorProto.INT64, [1]))
+                g.node.append(helper.make_node("Slice", [flat, start, big, axis0, step], [sub],
+                                               name=fresh(f"{t}__slice")))
+                starts[start] = stride
+                values = sub
+        elif subsample > 0:
             need_offset = True
             flat, size, stride, step1, start = (fresh(f"{t}__{k}") for k in ("flat", "size", "stride", "step", "start"))
             sub = fresh(f"{t}__sub")
@@ -447,7 +474,7 @@ def augment(model: onnx.ModelProto, tensors: list[str], info: dict[str, tuple[in
         outputs[t] = (values, mn, mx)
     if need_offset:
         g.input.append(helper.make_tensor_value_info(_OFFSET_INPUT, TensorProto.INT64, [1]))
-    return m, outputs
+    return m, outputs, starts
 
 
 def plan(model: onnx.ModelProto, tensors: list[str], *, batch: int, subsample: int = DEFAULT_SUBSAMPLE,
@@ -509,7 +536,7 @@ def collect(
     bar = _Progress(progress, total=n_samples * len(the_plan.groups))
     try:
         for gi, group in enumerate(the_plan.groups):
-            aug, outs = augment(model, group, info, subsample, bs)
+            aug, outs, starts = augment(model, group, info, subsample, bs)
             if weights:
                 _as_external(aug, weights)
             sess = session(aug, optimize=True, initializers=weights)
@@ -529,9 +556,13 @@ def collect(
             with ThreadPoolExecutor(max_workers=1) as pool:
                 pending = None
                 for bi, feeds in enumerate(batches):
-                    if wants_offset:
+                    if wants_offset or starts:
+                        offset = bi * 7919 + 1
                         feeds = dict(feeds)
-                        feeds[_OFFSET_INPUT] = np.array([bi * 7919 + 1], dtype=np.int64)
+                        if wants_offset:
+                            feeds[_OFFSET_INPUT] = np.array([offset], dtype=np.int64)
+                        for name, stride in starts.items():
+                            feeds[name] = np.array([offset % stride], dtype=np.int64)
                     try:
                         values = dict(zip(names, sess.run(names, feeds)))
                     except Exception as e:  # noqa: BLE001 - ORT raises its own types

@@ -15,11 +15,13 @@ from onnxopt.calibration import ImagePreprocess, open_calibration
 from onnxopt.collectors import (
     NUM_BINS,
     RangeCollector,
+    augment,
     collect,
     expected_mse,
     kl_divergences,
     plan_groups,
     skeleton_weights,
+    tensor_info,
     threshold_entropy,
     threshold_mse,
     threshold_percentile,
@@ -522,6 +524,30 @@ def _same_stats(a: dict[str, RangeCollector], b: dict[str, RangeCollector]) -> N
     for n in a:
         assert np.array_equal(a[n].hist, b[n].hist), n
         assert (a[n].min, a[n].max, a[n].edge, a[n].count) == (b[n].min, b[n].max, b[n].edge, b[n].count), n
+
+
+@pytest.mark.parametrize("subsample", [20, 5000])
+def test_collect_constant_strides_read_the_same_values_as_strides_computed_in_the_graph(tmp_path, subsample):
+    m = _wide_conv_model(4)
+    x = np.random.default_rng(16).standard_normal((24, 2, 12, 12)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    src = open_calibration(tmp_path / "d.npz", model=m)
+    names = ["x", "c1", "r1", "y"]
+    info = tensor_info(m)
+    aug, outs, starts = augment(m, names, info, subsample, 4)
+    ops = [n.op_type for n in aug.graph.node]
+    assert "Size" not in ops and "Mod" not in ops  # static shapes: constant strides, starts fed per batch
+    if subsample == 20:
+        assert sorted(starts.values()) == [14, 57, 57, 115]  # size // (20 values x 4 samples)
+    else:
+        assert starts == {} and ops.count("Slice") == 0  # fewer values than the budget: every value is read
+    constant = collect(m, names, src, subsample=subsample, info=info)
+    in_graph = collect(m, names, src, subsample=subsample, info={})  # no shapes known: strides computed in the graph
+    _same_stats(constant, in_graph)
+    if subsample == 20:  # 6 batches of 4 x 8 x 12 x 12 values, every 57th from a moving start
+        assert 6 * (4608 // 57) <= constant["c1"].count <= 6 * -(-4608 // 57)
+    else:
+        assert constant["c1"].count == 24 * 8 * 144
 
 
 def test_collect_from_a_skeleton_with_its_weights_in_memory(tmp_path):
