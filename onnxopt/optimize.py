@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxopt.analysis import summarize
 from onnxopt.errors import OnnxoptError, ValidationError
 from onnxopt.model import EXTERNAL_DATA_THRESHOLD, graph_to_model, save, save_graph, serialize_pieces, tensor_bytes
 from onnxopt.pass_base import Pass, PassContext
@@ -55,17 +56,6 @@ class OptimizeResult:
         if self._model is not None:
             return save(self._model, path, protect=protect)
         return save_graph(self._graph, self._template, path, protect=protect)
-
-
-def _summarizer() -> Callable[[onnx.ModelProto, PassContext], dict[str, Any]]:
-    """MACs/params when the analysis module is available, else plain size figures."""
-    try:
-        from onnxopt.analysis import summarize  # provided by the MAC analysis
-    except ImportError:
-        from onnxopt.pass_manager import graph_summary
-
-        return lambda m, ctx: graph_summary(m)
-    return summarize
 
 
 def _calibration_feeds(ctx: PassContext, max_samples: int = 32) -> dict[str, np.ndarray] | None:
@@ -116,7 +106,7 @@ def optimize(
             raise OnnxoptError(f"cannot validate: the input model does not run in ONNX Runtime ({e}); "
                                "use --no-validate to skip validation") from e
     verifier = Verifier(feeds, reference, tolerances) if verify_each and reference is not None else None
-    manager = PassManager(passes, verifier=verifier, summarize=_summarizer(), on_pass=on_pass)
+    manager = PassManager(passes, verifier=verifier, summarize=summarize, on_pass=on_pass)
     graph, record = manager.run_graph(model, ctx)
     result = OptimizeResult(model, graph, ctx.template, record, validated=reference is not None, ok=True)
     if validate and reference is not None and graph is not None and not _inputs_accept(graph, feeds):
