@@ -34,17 +34,20 @@ def _session_options(optimize: bool):
 
 
 def session(model: onnx.ModelProto | bytes | str | os.PathLike, *, optimize: bool = False,
-            initializers: dict[str, np.ndarray] | None = None):
+            initializers: dict[str, np.ndarray] | None = None, threads: int | None = None):
     """An ONNX Runtime CPU session for a model proto, serialized bytes or a path (big protos go through a file).
 
     ``initializers``: values of initializers that the model declares as external data, handed to ONNX Runtime from
-    memory (``add_external_initializers``) instead of being serialized with the model.
+    memory (``add_external_initializers``) instead of being serialized with the model. ``threads``: intra-op threads
+    (default: ONNX Runtime's, one per core).
     """
     import onnxruntime as ort
 
     from onnxopt.model import EXTERNAL_DATA_THRESHOLD, _write, tensor_bytes
 
     so = _session_options(optimize)
+    if threads:
+        so.intra_op_num_threads = threads
     if initializers:
         values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for v in initializers.values()]
         so.add_external_initializers(list(initializers), values)
