@@ -19,6 +19,7 @@ from onnxopt.collectors import (
     collect,
     expected_mse,
     kl_divergences,
+    parallel_sessions,
     plan_groups,
     skeleton_weights,
     tensor_info,
@@ -562,3 +563,44 @@ def test_collect_from_a_skeleton_with_its_weights_in_memory(tmp_path):
     names = ["x", "c1", "r1", "y"]
     _same_stats(collect(skeleton, names, src, subsample=0, batch_size=8, weights=weights),
                 collect(m, names, src, subsample=0, batch_size=8))
+
+
+@pytest.mark.parametrize("batch", [4, "N"])
+def test_collect_in_parallel_sessions_gives_the_same_statistics(tmp_path, monkeypatch, batch):
+    import onnxopt.collectors as collectors_module
+
+    m = _wide_conv_model(batch)
+    # growing ranges from batch to batch, so that the order of the histogram updates matters
+    x = np.random.default_rng(18).standard_normal((28, 2, 12, 12)).astype(np.float32)
+    x *= np.repeat(np.linspace(0.5, 40.0, 7), 4)[:, None, None, None].astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    src = open_calibration(tmp_path / "d.npz", model=m)
+    names = ["x", "c1", "r1", "y"]
+    runs = {}
+    for sessions in (1, 3):
+        made = []
+        monkeypatch.setattr(collectors_module, "parallel_sessions",
+                            lambda n, b, mb, k=sessions: made.append(n) or ((k, 1) if k > 1 else (1, None)))
+        runs[sessions] = collect(m, names, src, subsample=0, batch_size=4)
+        assert made == [7]  # 7 batches of 4 samples
+    expected = {n: RangeCollector() for n in names}  # every value, batch by batch, in order
+    aug = onnx.ModelProto()
+    aug.CopyFrom(m)
+    del aug.graph.output[:]
+    aug.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    for i in range(0, 28, 4):
+        full = run(aug, {"x": x[i:i + 4]}, optimize=True)  # the kernels collect uses
+        for n in names:
+            expected[n].update(full[n])
+    _same_stats(runs[1], expected)
+    _same_stats(runs[3], expected)
+
+
+def test_parallel_sessions_one_thread_each_and_only_as_many_as_fit(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert parallel_sessions(100, 10 << 20, 256) == (4, 2)     # 8 cores: 4 sessions of 2 threads
+    assert parallel_sessions(2, 10 << 20, 256) == (2, 4)       # no more sessions than batches
+    assert parallel_sessions(100, 100 << 20, 256) == (3, 2)    # 2 extra copies of 100 MB fit in 256 MB
+    assert parallel_sessions(100, 300 << 20, 256) == (1, None)  # none fits: one session, ONNX Runtime's threads
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert parallel_sessions(100, 10 << 20, 256) == (1, None)
