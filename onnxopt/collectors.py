@@ -98,31 +98,29 @@ def kl_divergences(hist: np.ndarray, num_quantized_bins: int = 128) -> tuple[np.
         hl = np.where(h > 0, h * np.log(np.where(h > 0, h, 1.0)), 0.0)
     cl = np.concatenate([[0.0], np.cumsum(hl)])                     # sum h log h over h[:k]
     # Candidates with the same merge factor m = i // nq share their first nq - 1 quantization bins; only the last one
-    # (which holds bin i - 1 and the clipped mass) depends on i. So: one vector of nq - 1 chunk terms per m.
-    cands, kls = [], []
-    for m in range(1, n // nq + 1):
-        cand = np.arange(m * nq, min((m + 1) * nq - 1, n) + 1, dtype=np.int64)   # i = number of kept bins
-        starts = np.arange(nq, dtype=np.int64) * m
-        tj = cs[starts[1:]] - cs[starts[:-1]]                    # Q (= P) mass of the first nq - 1 bins
-        nj = cz[starts[1:]] - cz[starts[:-1]]                    # their non-empty bins
-        with np.errstate(divide="ignore", invalid="ignore"):
-            fixed = float(np.sum(np.where(tj > 0, tj * np.log(np.where(tj > 0, tj, 1.0) / np.maximum(nj, 1)), 0.0)))
-        first_last = starts[-1]
-        out = total - cs[cand]                                   # clipped mass added to P[i-1]
-        last = h[cand - 1]
-        t_last = cs[cand] - cs[first_last]
-        n_last = (cz[cand] - cz[first_last]) + ((last == 0) & (out > 0))
-        p_last = t_last + out
-        p_edge = last + out                                      # P[i-1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            plogp = cl[cand - 1] + np.where(p_edge > 0, p_edge * np.log(np.where(p_edge > 0, p_edge, 1.0)), 0.0)
-            qlog = np.where(p_last > 0, p_last * np.log(np.where(t_last > 0, t_last, 1.0) / np.maximum(n_last, 1)),
-                            0.0)
-            kl = (plogp - fixed - qlog) / total - math.log(total) + np.log(cs[cand])
-        kl = np.where((p_last > 0) & (t_last <= 0), np.inf, np.maximum(kl, 0.0))
-        cands.append(cand)
-        kls.append(kl)
-    return np.concatenate(cands), np.concatenate(kls)
+    # (which holds bin i - 1 and the clipped mass) depends on i. So: the nq - 1 chunk terms of every m as one
+    # (m, nq - 1) array, then every candidate i in [nq, n] as one vector.
+    ms = np.arange(1, n // nq + 1, dtype=np.int64)
+    starts = np.arange(nq, dtype=np.int64)[None, :] * ms[:, None]
+    tj = cs[starts[:, 1:]] - cs[starts[:, :-1]]                # Q (= P) mass of the first nq - 1 bins, per m
+    nj = cz[starts[:, 1:]] - cz[starts[:, :-1]]                # their non-empty bins
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fixed = np.sum(np.where(tj > 0, tj * np.log(np.where(tj > 0, tj, 1.0) / np.maximum(nj, 1)), 0.0), axis=1)
+    cand = np.arange(nq, n + 1, dtype=np.int64)                # i = number of kept bins
+    m = cand // nq
+    first_last = (nq - 1) * m
+    out = total - cs[cand]                                     # clipped mass added to P[i-1]
+    last = h[cand - 1]
+    t_last = cs[cand] - cs[first_last]
+    n_last = (cz[cand] - cz[first_last]) + ((last == 0) & (out > 0))
+    p_last = t_last + out
+    p_edge = last + out                                        # P[i-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = cl[cand - 1] + np.where(p_edge > 0, p_edge * np.log(np.where(p_edge > 0, p_edge, 1.0)), 0.0)
+        qlog = np.where(p_last > 0, p_last * np.log(np.where(t_last > 0, t_last, 1.0) / np.maximum(n_last, 1)), 0.0)
+        kl = (plogp - fixed[m - 1] - qlog) / total - math.log(total) + np.log(cs[cand])
+    kl = np.where((p_last > 0) & (t_last <= 0), np.inf, np.maximum(kl, 0.0))
+    return cand, kl
 
 
 def threshold_entropy(hist: np.ndarray, width: float, num_quantized_bins: int = 128) -> float:
