@@ -132,7 +132,9 @@ class Quantize(Pass):
         if not placement.sites:
             stats["skipped_nothing_to_quantize"] = 1
             return PassResult(False, stats)
-        everything = qz.find_sites(graph, target=o.target, apply_exclusions=False)
+        # With a cache, every candidate tensor is calibrated so that the cache serves any later exclusion; without
+        # one, only the tensors this run quantizes.
+        everything = qz.find_sites(graph, target=o.target, apply_exclusions=False) if o.calib_cache else placement
         exported: list = []
 
         def float_model():

@@ -307,6 +307,16 @@ def test_exclusions_by_name_op_type_and_first_last():
     assert ops(q) == ops(m)
 
 
+def test_only_the_quantized_tensors_are_calibrated_without_a_cache(tmp_path):
+    m = conv_chain(3)
+    _, rec, ctx = quantize(m, exclude=("conv2",))
+    ranges = ctx.artifacts["quantize"]["ranges"]
+    assert rec.stats["calib_tensors"] == 2 and set(ranges) == {"x", "r2"}
+    _, rec, ctx = quantize(m, exclude=("conv2",), calib_cache=str(tmp_path / "c.json"))
+    assert rec.stats["calib_tensors"] == 3  # a cache holds every candidate, for later exclusions
+    assert ctx.artifacts["quantize"]["ranges"] == ranges  # the same ranges either way
+
+
 def test_preconditions():
     from tests.helpers import conv_bn_relu_model
 
