@@ -43,6 +43,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxopt.errors import OnnxoptError, OptionsError
+from onnxopt.graphutil import fresh_name
 
 #: Histogram bins over ``[0, R]``; a power of two so that growing ``R`` merges whole bins.
 NUM_BINS = 4096
@@ -399,12 +400,7 @@ def augment(model: onnx.ModelProto, tensors: list[str], info: dict[str, tuple[in
         t.name for t in g.initializer}
 
     def fresh(base: str) -> str:
-        name, i = base, 0
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
-        taken.add(name)
-        return name
+        return fresh_name(base, taken)
 
     use_graph_ops = opset >= 10
     outputs: dict[str, tuple[str, str | None, str | None]] = {}
