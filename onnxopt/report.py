@@ -69,6 +69,9 @@ def pass_table(record: RunRecord) -> Table:
             str(i), p.name, "yes" if p.changed else "no", f"{p.seconds:.3f}s",
             *[_arrow(p.before.get(k), p.after.get(k), fmt) for k, _, fmt in cols],
         )
+    note = record.after.get("macs_note") or record.before.get("macs_note")
+    if note and any(k == "macs" for k, _, _ in cols):
+        table.caption = f"MACs: {note}"
     if record.passes:
         table.add_row(
             "", "total", "yes" if any(p.changed for p in record.passes) else "no",

@@ -74,3 +74,17 @@ def test_load_inputs_by_name_or_key(tmp_path):
     np.savez(tmp_path / "g.npz", y=data)
     with pytest.raises(OptionsError, match="missing arrays for input\\(s\\) x; has y \\(use FILE.npz:KEY"):
         load_inputs(tmp_path / "g.npz", m)
+
+
+def test_run_report_counts_params_and_per_sample_macs_with_dynamic_batch():
+    from onnxopt.analysis import summarize
+    from tests.helpers import conv_bn_relu_model
+
+    m = conv_bn_relu_model(channels=4)
+    for vi in (m.graph.input[0], m.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].dim_param = "N"
+    s = summarize(m)
+    # conv 4x3x3x3 weights + BN gamma, beta (running stats are buffers); MACs = OC*OH*OW*KH*KW*IC for one sample
+    assert s["params"] == 4 * 3 * 3 * 3 + 2 * 4 and s["buffers"] == 2 * 4
+    assert s["macs"] == 4 * 8 * 8 * 3 * 3 * 3
+    assert s["macs_note"] == "per sample: dynamic batch of x read as 1"
