@@ -44,6 +44,7 @@ from onnx import TensorProto, helper
 
 from onnxopt.errors import OnnxoptError, OptionsError
 from onnxopt.graphutil import fresh_name
+from onnxopt.progress import ProgressBar
 
 #: Histogram bins over ``[0, R]``; a power of two so that growing ``R`` merges whole bins.
 NUM_BINS = 4096
@@ -539,7 +540,7 @@ def collect(
             n_sess, threads = 1, None
     if on_plan:
         on_plan(the_plan)
-    bar = _Progress(progress, total=n_samples * len(the_plan.groups))
+    bar = ProgressBar(progress, n_samples * len(the_plan.groups), "calibrating")
     try:
         for gi, group in enumerate(the_plan.groups):
             aug, outs, starts = augment(model, group, info, subsample, bs)
@@ -657,30 +658,6 @@ def _batch_len(feeds: dict[str, np.ndarray], source: Any) -> int:
         if getattr(v, "ndim", 0):
             return int(v.shape[0])
     return 1
-
-
-class _Progress:
-    """A rich progress bar on stderr, or nothing."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.bar = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("calibrating {task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-        self.task = self.bar.add_task("", total=total)
-        self.bar.start()
-
-    def advance(self, n: int, description: str) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=n, description=description)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def ranges(collectors: dict[str, RangeCollector], method: str, *, percentile: float = 99.99,

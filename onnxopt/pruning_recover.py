@@ -21,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxopt.graphutil import const_value, fresh_name, unique_name
+from onnxopt.progress import ProgressBar
 from onnxopt.pruning import ChannelGraph, Layer, _attr
 
 
@@ -254,41 +255,56 @@ def lstsq_refit(
     orig_sess = session(with_outputs(original, [ly.out_name for ly in todo]), optimize=True)
     taken = set(graph.tensors().keys()) | {n.name for n in graph.nodes}
     rng = np.random.default_rng(getattr(ctx, "seed", 0))
-    for wave in _waves(graph, todo):
-        refits: list[_Refit] = []
-        for ly in wave:
-            in_keep = keep_class[cg.class_of[cg.layouts[ly.in_name].elems]]
-            out_keep = (keep_class[cg.class_of[cg.layouts[ly.out_name].elems]]
-                        if ly.out_name in cg.layouts else np.ones(ly.out_channels, dtype=bool))
-            refits.append(_Refit(ly, in_keep, out_keep, ly.node))
-        pruned = ctx.to_model(graph)
-        pr_sess = session(with_outputs(pruned, [ly.in_name for ly in wave]), optimize=True)
-        xs_names = [ly.in_name for ly in wave]
-        ys_names = [ly.out_name for ly in wave]
-        n_samples = 0
-        for feeds in calibration_batches(ctx.calibration, samples):
-            ys = orig_sess.run(ys_names, feeds)
-            xs = pr_sess.run(xs_names, feeds)
-            for r, x, y in zip(refits, xs, ys):
-                r.accumulate(x, y, rng)
-            n_samples += len(next(iter(feeds.values())))
-        if n_samples == 0:
-            notes["recover_no_calibration_data"] += 1
-            return notes
-        notes["recover_samples"] = n_samples
-        for r in refits:
-            new_w, bias = r.solve(ridge)
-            node = r.node
-            node.inputs[1] = gs.Constant(_name(node.inputs[1], taken), new_w)
-            if bias is not None:
-                bi = r.ly.bias_index
-                if bi is not None:
-                    node.inputs[bi] = gs.Constant(_name(node.inputs[bi], taken), bias.reshape(r.b.shape))
-                else:
-                    node.inputs.append(gs.Constant(unique_name(graph, f"{node.name}_bias", taken), bias))
-                    r.ly.bias_index = len(node.inputs) - 1
-            notes["recover_refit_layers"] += 1
+    waves = _waves(graph, todo)
+    with ProgressBar(getattr(ctx, "progress", False), len(waves), "least-squares recovery") as bar:
+        for wave in waves:
+            bar.advance(0, ", ".join(ly.node.name for ly in wave)[:60])
+            if not _refit_wave(graph, wave, cg, keep_class, ctx, orig_sess, taken, rng, samples, ridge, notes):
+                return notes
+            bar.advance(1)
     return notes
+
+
+def _refit_wave(graph: gs.Graph, wave: list[Layer], cg: ChannelGraph, keep_class: np.ndarray, ctx: Any,
+                orig_sess: Any, taken: set[str], rng: np.random.Generator, samples: int, ridge: float,
+                notes: Counter) -> bool:
+    """Re-fit one wave of layers (no layer's input depends on another's refit); False when there was no data."""
+    from onnxopt.validate import session
+
+    refits: list[_Refit] = []
+    for ly in wave:
+        in_keep = keep_class[cg.class_of[cg.layouts[ly.in_name].elems]]
+        out_keep = (keep_class[cg.class_of[cg.layouts[ly.out_name].elems]]
+                    if ly.out_name in cg.layouts else np.ones(ly.out_channels, dtype=bool))
+        refits.append(_Refit(ly, in_keep, out_keep, ly.node))
+    pruned = ctx.to_model(graph)
+    pr_sess = session(with_outputs(pruned, [ly.in_name for ly in wave]), optimize=True)
+    xs_names = [ly.in_name for ly in wave]
+    ys_names = [ly.out_name for ly in wave]
+    n_samples = 0
+    for feeds in calibration_batches(ctx.calibration, samples):
+        ys = orig_sess.run(ys_names, feeds)
+        xs = pr_sess.run(xs_names, feeds)
+        for r, x, y in zip(refits, xs, ys):
+            r.accumulate(x, y, rng)
+        n_samples += len(next(iter(feeds.values())))
+    if n_samples == 0:
+        notes["recover_no_calibration_data"] += 1
+        return False
+    notes["recover_samples"] = n_samples
+    for r in refits:
+        new_w, bias = r.solve(ridge)
+        node = r.node
+        node.inputs[1] = gs.Constant(_name(node.inputs[1], taken), new_w)
+        if bias is not None:
+            bi = r.ly.bias_index
+            if bi is not None:
+                node.inputs[bi] = gs.Constant(_name(node.inputs[bi], taken), bias.reshape(r.b.shape))
+            else:
+                node.inputs.append(gs.Constant(unique_name(graph, f"{node.name}_bias", taken), bias))
+                r.ly.bias_index = len(node.inputs) - 1
+        notes["recover_refit_layers"] += 1
+    return True
 
 
 def _name(old: gs.Tensor, taken: set[str]) -> str:

@@ -19,6 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxopt.errors import OptionsError, PreconditionError
 from onnxopt.graphutil import fresh_name
 from onnxopt.pass_base import Pass, PassContext, PassResult, option
+from onnxopt.progress import ProgressBar
 from onnxopt.pruning import ResidualBranch, find_residual_branches, match_any
 
 
@@ -69,7 +70,7 @@ class PruneBlocks(Pass):
         base_macs = sum(macs.values())
         feeds, scored_by = _scoring_data(model, ctx, o.samples)
         stats["scored_by"] = scored_by
-        scores = _score(model, branches, feeds)
+        scores = _score(model, branches, feeds, ctx.progress)
         order = sorted(range(len(branches)), key=lambda i: (scores[i], i))
         stats["scores"] = "; ".join(f"{branches[i].add.name}={scores[i]:.4g}" for i in order)
 
@@ -193,7 +194,7 @@ def _gated(model: onnx.ModelProto, branches: list[ResidualBranch]) -> tuple[onnx
     return m, gates
 
 
-def _score(model: onnx.ModelProto, branches: list[ResidualBranch], feeds: list[dict]) -> list[float]:
+def _score(model: onnx.ModelProto, branches: list[ResidualBranch], feeds: list[dict], progress: bool = False) -> list[float]:
     """Relative L2 change of all outputs (over all feeds) when each branch alone is removed."""
     from onnxopt.validate import session
 
@@ -212,12 +213,15 @@ def _score(model: onnx.ModelProto, branches: list[ResidualBranch], feeds: list[d
     refs = [sess.run(names, {**f, **ones(None)}) for f in feeds]
     denom = sum(float(np.sum(np.square(r.astype(np.float64)))) for outs in refs for r in outs) or 1.0
     scores = []
-    for i in range(len(branches)):
-        err = 0.0
-        for f, outs in zip(feeds, refs):
-            new = sess.run(names, {**f, **ones(i)})
-            err += sum(float(np.sum(np.square(n.astype(np.float64) - r))) for n, r in zip(new, outs))
-        scores.append(float(np.sqrt(err / denom)))
+    with ProgressBar(progress, len(branches), "scoring residual branches") as bar:
+        for i, b in enumerate(branches):
+            bar.advance(0, b.add.name)
+            err = 0.0
+            for f, outs in zip(feeds, refs):
+                new = sess.run(names, {**f, **ones(i)})
+                err += sum(float(np.sum(np.square(n.astype(np.float64) - r))) for n, r in zip(new, outs))
+            scores.append(float(np.sqrt(err / denom)))
+            bar.advance(1)
     return scores
 
 

@@ -88,3 +88,18 @@ def test_run_report_counts_params_and_per_sample_macs_with_dynamic_batch():
     assert s["params"] == 4 * 3 * 3 * 3 + 2 * 4 and s["buffers"] == 2 * 4
     assert s["macs"] == 4 * 8 * 8 * 3 * 3 * 3
     assert s["macs_note"] == "per sample: dynamic batch of x read as 1"
+
+
+def test_progress_bar_counts_and_is_silent_when_disabled():
+    from onnxopt.progress import ProgressBar
+
+    with ProgressBar(False, 3, "x") as off:
+        off.advance(1)
+        assert off.bar is None
+    on = ProgressBar(True, 3, "work")
+    for _ in range(3):
+        on.advance(1, "step")
+    task = on.bar.tasks[0]
+    assert (task.completed, task.total, task.description) == (3, 3, "step")
+    on.close()
+    assert on.bar is None
