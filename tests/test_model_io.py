@@ -234,3 +234,51 @@ def test_streamed_save_equals_exported_model(tmp_path, dtype):
     out = save_graph(graph, header, tmp_path / "s.onnx")
     assert _canonical(load(out)) == _canonical(expected)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.onnx"]
+
+
+# -- run: validation verdicts, --force, --verify-each, --config, --json -------------------------------------------------
+
+@pytest.fixture
+def bn_model_file(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save_model(conv_bn_relu_model(channels=8), str(path))
+    return path
+
+
+def test_failed_validation_writes_nothing_exit_3(bn_model_file, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    # folding changes float32 rounding: with zero tolerance the comparison must fail
+    code, _, err = invoke(["run", bn_model_file, "-o", out, "--atol", "0", "--rtol", "0"], capsys)
+    assert code == 3 and "validation failed, nothing written" in err and "y:" in err
+    assert not out.exists()
+
+
+def test_force_writes_and_says_so(bn_model_file, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    code, _, err = invoke(["run", bn_model_file, "-o", out, "--atol", "0", "--rtol", "0", "--force"], capsys)
+    assert code == 0 and "writing anyway because of --force" in err
+    assert [n.op_type for n in onnx.load(str(out)).graph.node] == ["Conv", "Relu"]
+
+
+def test_verify_each_names_the_pass_on_the_cli(bn_model_file, tmp_path, capsys):
+    code, _, err = invoke(["run", bn_model_file, "-o", tmp_path / "o.onnx", "--verify-each", "--atol", "0",
+                           "--rtol", "0"], capsys)
+    assert code == 3 and "pass 'fold-bn' (#1) failed: numerics broken by this pass" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_config_pipeline_and_json_record(bn_model_file, tmp_path, capsys):
+    import json
+
+    cfg = tmp_path / "p.toml"
+    cfg.write_text('[[pass]]\nname = "fold-bn"\nstandalone = "mul-add"\n\n[[pass]]\nname = "cleanup"\n')
+    out, js = tmp_path / "o.onnx", tmp_path / "run.json"
+    code, _, err = invoke(["run", bn_model_file, "-o", out, "--config", cfg, "--json", js], capsys)
+    assert code == 0, err
+    rec = json.loads(js.read_text())
+    assert [p["name"] for p in rec["passes"]] == ["fold-bn", "cleanup"]
+    assert rec["passes"][0]["options"]["standalone"] == "mul-add" and rec["passes"][0]["stats"]["folded_into_conv"] == 1
+    assert rec["validation"]["ok"] and rec["written"] and rec["output"] == str(out)
+    assert rec["before"]["nodes"] == 3 and rec["after"]["nodes"] == 2
+    code, _, err = invoke(["run", bn_model_file, "-o", out, "--config", cfg, "-p", "cleanup"], capsys)
+    assert code == 2 and "not both" in err
