@@ -159,12 +159,12 @@ class PassManager:
             record.notes.append(f"{len(dropped)} unused initializer(s) dropped on import, e.g. {dropped[0]!r}")
         changed_any = bool(dropped)
         done: list[str] = []
+        fp = fingerprint(graph)  # nothing changes the graph between passes: one pass's "after" is the next's "before"
         for i, p in enumerate(self.passes):
             if self.on_pass:
                 self.on_pass(p.name, i, len(self.passes))
             before = record.passes[-1].after if record.passes else record.before
             where = f"pass {p.name!r} (#{i + 1}) failed" + (f" after {', '.join(done)}" if done else "")
-            fp_before = fingerprint(graph)
             t0 = time.perf_counter()
             try:
                 p.requires(graph, ctx)
@@ -178,7 +178,9 @@ class PassManager:
             seconds = time.perf_counter() - t0
             if not isinstance(result, PassResult):
                 raise PassError(f"{where}: run() returned {type(result).__name__}, not PassResult")
-            differs = fingerprint(graph) != fp_before
+            fp_after = fingerprint(graph)
+            differs = fp_after != fp
+            fp = fp_after
             if p.effective_kind == "analysis" and differs:
                 raise PassError(f"{where}: analysis pass changed the graph")
             if result.changed != differs:
