@@ -294,8 +294,6 @@ def compare(model_a, model_b, input_shapes, inputs, atol, rtol, min_cosine, seed
 
     Exit code 3 when an output is beyond the tolerances (defaults: atol 1e-4, rtol 1e-3).
     """
-    from dataclasses import asdict
-
     from onnxopt.model import load
     from onnxopt.report import validation_table, write_json
     from onnxopt.shapes import parse_input_shapes
@@ -311,7 +309,7 @@ def compare(model_a, model_b, input_shapes, inputs, atol, rtol, min_cosine, seed
     validation = {
         "mode": "ONNX Runtime CPU, optimizations " + ("on" if optimized_ort else "off"),
         "ok": cmp.ok,
-        "outputs": [dict(asdict(o.metrics), ok=o.ok, reason=o.reason) for o in cmp.outputs],
+        "outputs": cmp.rows(),
     }
     out_console.print(validation_table(validation))
     if json_path:

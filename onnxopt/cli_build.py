@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +195,7 @@ def check_backend(
     validation = {
         "mode": f"{backend} vs float model in ONNX Runtime CPU",
         "ok": cmp.ok,
-        "outputs": [dict(asdict(o.metrics), ok=o.ok, reason=o.reason) for o in cmp.outputs],
+        "outputs": cmp.rows(),
     }
     ort = get_backend("onnxruntime")
     latency = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Callable
 
 import numpy as np
@@ -27,7 +26,6 @@ class OptimizeResult:
 
     def __init__(self, original: onnx.ModelProto, graph: gs.Graph | None, template: onnx.ModelProto,
                  record: RunRecord, validated: bool, ok: bool) -> None:
-        self._original = original
         self._graph = graph
         self._template = template
         self._model: onnx.ModelProto | None = None if graph is not None else original
@@ -125,7 +123,7 @@ def optimize(
             "kind": record.kind,
             "report_only": cmp.report_only,
             "ok": cmp.ok,
-            "outputs": [dict(asdict(o.metrics), ok=o.ok, reason=o.reason) for o in cmp.outputs],
+            "outputs": cmp.rows(),
         }
         extra = ctx.artifacts.get("validation_extra")
         if extra:

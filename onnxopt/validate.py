@@ -233,6 +233,12 @@ class Comparison:
     def failed(self) -> list[OutputCheck]:
         return [o for o in self.outputs if not o.ok]
 
+    def rows(self) -> list[dict]:
+        """One dict per output: its metrics plus ``ok`` and ``reason`` (the report's and the JSON record's rows)."""
+        from dataclasses import asdict
+
+        return [dict(asdict(o.metrics), ok=o.ok, reason=o.reason) for o in self.outputs]
+
     def summary(self) -> str:
         bad = self.failed
         if not bad:
