@@ -63,10 +63,6 @@ def constant_producer(tensor: gs.Tensor) -> gs.Node | None:
     return None
 
 
-def graph_output_names(graph: gs.Graph) -> set[str]:
-    return {t.name for t in graph.outputs}
-
-
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if len(tensor.inputs) == 1 else None
 

@@ -138,15 +138,3 @@ class Pass(ABC):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.options_dict().items())
         return f"{type(self).__name__}({opts})"
-
-
-def option_help(options_type: type) -> list[tuple[str, str, Any, str]]:
-    """(name, type, default, help) for every option of a pass's Options dataclass."""
-    rows = []
-    for f in dataclasses.fields(options_type):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        )
-        type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        rows.append((f.name, str(type_name), default, f.metadata.get("help", "")))
-    return rows
