@@ -305,20 +305,20 @@ def summarize(model: onnx.ModelProto, ctx: Any = None) -> dict[str, Any]:
 
     out: dict[str, Any] = graph_summary(model)
     out.update(params=None, buffers=None, macs=None, flops=None, peak_activation_bytes=None)
-    from onnxopt.shapes import graph_inputs, resolve_input_shapes
+    from onnxopt.shapes import batch_defaulted, resolve_input_shapes
 
     try:
         skel = Skeleton(model)
         given = applicable_shapes(skel.inputs_model(), getattr(ctx, "input_shapes", None) or {})
         # A dynamic batch alone is read as 1: the report's MACs are then per sample (and say so).
         shapes = resolve_input_shapes(skel.inputs_model(), given, default_batch=1)
-        batch_defaulted = [s.name for s in graph_inputs(skel.inputs_model()) if not s.is_static and s.name not in given]
+        defaulted = batch_defaulted(skel.inputs_model(), given)
         a = analyze(model, shapes, skeleton=skel)
     except Exception as e:  # noqa: BLE001 - a summary must never fail the run
         out["macs_note"] = first_line(e)
         return out
-    if batch_defaulted:
-        out["macs_note"] = f"per sample: dynamic batch of {', '.join(batch_defaulted)} read as 1"
+    if defaulted:
+        out["macs_note"] = f"per sample: dynamic batch of {', '.join(defaulted)} read as 1"
     t = a.totals()
     out.update(params=t["params"], buffers=t["buffers"], macs=t["macs"], flops=t["flops"],
                peak_activation_bytes=t["peak_activation_bytes"])

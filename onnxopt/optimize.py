@@ -13,7 +13,7 @@ from onnxopt.errors import OnnxoptError, ValidationError
 from onnxopt.model import EXTERNAL_DATA_THRESHOLD, graph_to_model, save, save_graph, serialize_pieces, tensor_bytes
 from onnxopt.pass_base import Pass, PassContext
 from onnxopt.pass_manager import PassManager, RunRecord, Verifier
-from onnxopt.shapes import graph_inputs
+from onnxopt.shapes import batch_defaulted
 from onnxopt.validate import Tolerances, compare_outputs, random_inputs, run, session
 
 
@@ -95,9 +95,9 @@ def optimize(
                 feeds_note = f", on {next(iter(feeds.values())).shape[0]} calibration sample(s)"
         if feeds is None:
             feeds = random_inputs(model, ctx.input_shapes, seed=ctx.seed)
-            batch_defaulted = [s.name for s in graph_inputs(model) if s.name not in ctx.input_shapes and not s.is_static]
-            if batch_defaulted:
-                feeds_note = f", random inputs with dynamic batch of {', '.join(batch_defaulted)} set to 1"
+            defaulted = batch_defaulted(model, ctx.input_shapes)
+            if defaulted:
+                feeds_note = f", random inputs with dynamic batch of {', '.join(defaulted)} set to 1"
         try:
             reference = run(session(model), feeds)
         except OnnxoptError as e:

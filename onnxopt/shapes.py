@@ -117,6 +117,11 @@ def resolve_input_shapes(
     return out
 
 
+def batch_defaulted(model: onnx.ModelProto, given: dict[str, tuple[int, ...]]) -> list[str]:
+    """Inputs whose dynamic batch :func:`resolve_input_shapes` fills with ``default_batch`` (not given by the user)."""
+    return [s.name for s in graph_inputs(model) if not s.is_static and s.name not in given]
+
+
 def infer_shapes(model: onnx.ModelProto, *, strict: bool = False, data_prop: bool = True) -> onnx.ModelProto:
     """ONNX shape inference (by path for models too large for one message)."""
     from onnxopt.model import EXTERNAL_DATA_THRESHOLD, tensor_bytes
